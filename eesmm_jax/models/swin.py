@@ -1,0 +1,402 @@
+"""Swin Transformer v1 in flax.linen, NHWC, numerically matching the PyTorch reference.
+
+Module and parameter names mirror microsoft/Swin-Transformer's `models/swin_transformer.py`
+(`patch_embed.proj`, `layers_{i}.blocks_{j}.attn.qkv`, `layers_{i}.downsample.reduction`, ...),
+so that `eesmm_jax.convert` is a short renaming table. The downsample sits at the END of stages
+0..n-2 as in the official code (timm >= 0.9 puts it at the start of the next stage; the converter
+moves it).
+
+Numerics that must match the reference (see shared/paper/REFERENCE-FACTS.md): exact-erf GELU,
+LayerNorm eps 1e-5, -100 in the shifted-window mask, window partition order, PatchMerging concat
+order (x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]), and no shift when the feature map
+is not larger than the window.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# PyTorch's LayerNorm default; flax's is 1e-6.
+LN_EPS = 1e-5
+# The reference initialises Linear weights, the bias table and the mask token with
+# trunc_normal(std=.02), truncated at +-2 (absolute), which for std .02 is +-100 sigma:
+# effectively a plain normal. We use flax's truncated normal at +-2 sigma, the usual JAX choice.
+trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers (static shapes, computed in numpy at trace time).
+
+
+def window_partition(x: jax.Array, window_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B * nW, ws * ws, C]; windows batch-major, then row-major (as the reference)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window_size, window_size, w // window_size, window_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window_size * window_size, c)
+
+
+def window_reverse(windows: jax.Array, window_size: int, h: int, w: int) -> jax.Array:
+  """Inverse of `window_partition`: [B * nW, ws * ws, C] -> [B, H, W, C]."""
+  c = windows.shape[-1]
+  x = windows.reshape(-1, h // window_size, w // window_size, window_size, window_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, h, w, c)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(window_size: int) -> np.ndarray:
+  """[N, N] index into the ((2W-1)^2, heads) bias table, N = W*W (the reference's buffer)."""
+  coords = np.stack(np.meshgrid(np.arange(window_size), np.arange(window_size), indexing="ij"))
+  coords = coords.reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window_size - 1)
+  return (rel[..., 0] * (2 * window_size - 1) + rel[..., 1]).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int) -> np.ndarray:
+  """[nW, N, N] additive mask: -100 between tokens that came from different regions after the
+  cyclic shift, 0 otherwise (the reference's `attn_mask` buffer)."""
+  img_mask = np.zeros((1, height, width, 1), np.float32)
+  slices = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
+  label = 0
+  for hs in slices:
+    for ws in slices:
+      img_mask[:, hs, ws, :] = label
+      label += 1
+  b, c = 1, 1
+  windows = img_mask.reshape(b, height // window_size, window_size, width // window_size,
+                             window_size, c).transpose(0, 1, 3, 2, 4, 5)
+  windows = windows.reshape(-1, window_size * window_size)
+  diff = windows[:, None, :] - windows[:, :, None]
+  return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+def effective_window(resolution: int, window_size: int, shift_size: int) -> tuple[int, int]:
+  """A map no larger than the window is one unshifted window (reference rule)."""
+  if resolution <= window_size:
+    return resolution, 0
+  return window_size, shift_size
+
+
+def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: Optional[jax.Array]) -> jax.Array:
+  """Stochastic depth per sample, scaled by 1/keep as timm's `drop_path`."""
+  if deterministic or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules.
+
+
+class PatchEmbed(nn.Module):
+  """Conv patch x patch, stride patch, then LayerNorm if `patch_norm` -> [B, H/p, W/p, C]."""
+  patch_size: int
+  embed_dim: int
+  patch_norm: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="proj",
+                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    if self.patch_norm:
+      x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return x
+
+
+class Mlp(nn.Module):
+  hidden_features: int
+  drop: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=trunc_normal)
+    out_features = x.shape[-1]
+    x = dense(self.hidden_features, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # the reference uses exact erf GELU
+    x = nn.Dropout(self.drop)(x, deterministic=deterministic)
+    x = dense(out_features, name="fc2")(x)
+    return nn.Dropout(self.drop)(x, deterministic=deterministic)
+
+
+class WindowAttention(nn.Module):
+  """Multi-head self attention inside windows, with the relative position bias.
+
+  Input [B_, N, C] with B_ = batch * num_windows; `mask` is [nW, N, N] or None.
+  """
+  dim: int
+  window_size: int
+  num_heads: int
+  qkv_bias: bool = True
+  attn_drop: float = 0.0
+  proj_drop: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask: Optional[np.ndarray] = None, deterministic: bool = True):
+    b_, n, c = x.shape
+    head_dim = c // self.num_heads
+    ws = self.window_size
+    table = self.param("relative_position_bias_table", trunc_normal,
+                       ((2 * ws - 1) * (2 * ws - 1), self.num_heads), self.param_dtype)
+    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype,
+                   param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
+    qkv = qkv.reshape(b_, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # [B_, heads, N, head_dim]
+    q = q * (head_dim ** -0.5)
+    attn = jnp.einsum("bhnd,bhmd->bhnm", q, k)
+
+    # The bias and the -100 mask stay float32: in fp16 the logits plus mask must not overflow.
+    bias = jnp.take(table.astype(jnp.float32), relative_position_index(ws).reshape(-1), axis=0)
+    bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
+    attn = attn.astype(jnp.float32) + bias[None]
+    if mask is not None:
+      nw = mask.shape[0]
+      attn = attn.reshape(b_ // nw, nw, self.num_heads, n, n) + jnp.asarray(mask)[None, :, None]
+      attn = attn.reshape(b_, self.num_heads, n, n)
+    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
+    attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
+
+    x = jnp.einsum("bhnm,bhmd->bnhd", attn, v).reshape(b_, n, c)
+    x = nn.Dense(c, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=trunc_normal)(x)
+    return nn.Dropout(self.proj_drop)(x, deterministic=deterministic)
+
+
+class SwinTransformerBlock(nn.Module):
+  """(Shifted) window attention + MLP, pre-norm, with residual drop path. Input [B, H, W, C]."""
+  dim: int
+  num_heads: int
+  window_size: int = 7
+  shift_size: int = 0
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    b, h, w, c = x.shape
+    ws, shift = effective_window(min(h, w), self.window_size, self.shift_size)
+    norm = functools.partial(LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    shortcut = x
+    x = norm(name="norm1")(x)
+    if shift:
+      x = jnp.roll(x, (-shift, -shift), axis=(1, 2))  # static shift: lowers to slices + concat
+    windows = window_partition(x, ws)
+    mask = shifted_window_mask(h, w, ws, shift) if shift else None
+    windows = WindowAttention(c, ws, self.num_heads, self.qkv_bias, self.attn_drop, self.drop,
+                              dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+                                  windows, mask, deterministic)
+    x = window_reverse(windows, ws, h, w)
+    if shift:
+      x = jnp.roll(x, (shift, shift), axis=(1, 2))
+    rng = None if deterministic or self.drop_path == 0 else self.make_rng("dropout")
+    x = shortcut + drop_path(x, self.drop_path, deterministic, rng)
+
+    y = norm(name="norm2")(x)
+    y = Mlp(int(c * self.mlp_ratio), self.drop, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="mlp")(y, deterministic)
+    rng = None if deterministic or self.drop_path == 0 else self.make_rng("dropout")
+    return x + drop_path(y, self.drop_path, deterministic, rng)
+
+
+class PatchMerging(nn.Module):
+  """2x2 neighbourhood concat in the reference order -> LayerNorm(4C) -> Linear(4C, 2C, no bias)."""
+  dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x0 = x[:, 0::2, 0::2]
+    x1 = x[:, 1::2, 0::2]
+    x2 = x[:, 0::2, 1::2]
+    x3 = x[:, 1::2, 1::2]
+    x = jnp.concatenate([x0, x1, x2, x3], axis=-1)
+    x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return nn.Dense(2 * self.dim, use_bias=False, name="reduction", dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
+
+
+class BasicLayer(nn.Module):
+  """One stage: `depth` blocks alternating W-MSA / SW-MSA, then the optional downsample."""
+  dim: int
+  depth: int
+  num_heads: int
+  window_size: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  drop_path: Sequence[float] = ()
+  downsample: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    for j in range(self.depth):
+      x = SwinTransformerBlock(
+          self.dim, self.num_heads, self.window_size,
+          shift_size=0 if j % 2 == 0 else self.window_size // 2,
+          mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop,
+          attn_drop=self.attn_drop, drop_path=self.drop_path[j], dtype=self.dtype,
+          param_dtype=self.param_dtype, name=f"blocks_{j}")(x, deterministic)
+    if self.downsample:
+      x = PatchMerging(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="downsample")(x)
+    return x
+
+
+def valid_image_sizes(patch_size: int, window_size: int, num_stages: int,
+                      limit: int = 512) -> list[int]:
+  """Image sizes up to `limit` that every stage's window tiles evenly."""
+  return [s for s in range(patch_size, limit + 1) if not _size_problem(s, patch_size, window_size,
+                                                                        num_stages)]
+
+
+def _size_problem(img_size: int, patch_size: int, window_size: int, num_stages: int) -> str:
+  if img_size % patch_size:
+    return f"img_size {img_size} is not a multiple of patch_size {patch_size}"
+  res = img_size // patch_size
+  for i in range(num_stages):
+    ws, _ = effective_window(res, window_size, 0)
+    if res % ws:
+      return (f"stage {i} has a {res}x{res} feature map, which window_size {window_size} "
+              f"does not tile")
+    if i < num_stages - 1:
+      if res % 2:
+        return f"stage {i} has an odd {res}x{res} feature map, which PatchMerging cannot halve"
+      res //= 2
+  return ""
+
+
+class SwinTransformer(nn.Module):
+  """Swin Transformer v1 (Liu et al., 2021), NHWC.
+
+  `apply({'params': p}, x)` with x [B, H, W, in_chans] returns logits [B, num_classes], or
+  pooled features [B, C] when num_classes == 0. Pass `train=True` (and a 'dropout' rng) for drop
+  path and dropout. For masked image modeling build with `use_mask_token=True` and pass
+  `mask` [B, H/patch, W/patch] (1 = masked): masked patch embeddings are replaced, after the
+  patch norm, by the learned `mask_token` (as SimMIM's encoder). `return_features=True` returns
+  the normed final feature map [B, H/32, W/32, C] instead of pooling.
+  """
+  img_size: int = 224
+  patch_size: int = 4
+  in_chans: int = 3
+  num_classes: int = 1000
+  embed_dim: int = 96
+  depths: Sequence[int] = (2, 2, 6, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int = 7
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.1
+  ape: bool = False
+  patch_norm: bool = True
+  use_mask_token: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def num_features(self) -> int:
+    return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+
+  def __post_init__(self):
+    problem = _size_problem(self.img_size, self.patch_size, self.window_size, len(self.depths))
+    if problem:
+      sizes = valid_image_sizes(self.patch_size, self.window_size, len(self.depths))
+      raise ValueError(f"{problem}. With patch_size {self.patch_size}, window_size "
+                       f"{self.window_size} and {len(self.depths)} stages, img_size must be one "
+                       f"of {sizes[:12]}{' ...' if len(sizes) > 12 else ''}")
+    if len(self.num_heads) != len(self.depths):
+      raise ValueError(f"num_heads {tuple(self.num_heads)} needs one entry per stage "
+                       f"(depths {tuple(self.depths)})")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, train: bool = False, return_features: bool = False):
+    deterministic = not train
+    if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, self.in_chans):
+      raise ValueError(f"expected images [B, {self.img_size}, {self.img_size}, {self.in_chans}] "
+                       f"(NHWC), got shape {tuple(x.shape)}")
+    x = PatchEmbed(self.patch_size, self.embed_dim, self.patch_norm, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name="patch_embed")(x)
+    b, h, w, c = x.shape
+
+    if self.use_mask_token:
+      mask_token = self.param("mask_token", trunc_normal, (1, 1, c), self.param_dtype)
+      if mask is not None:
+        if mask.shape != (b, h, w):
+          raise ValueError(f"mask must be [B, H/patch, W/patch] = {(b, h, w)}, got "
+                           f"{tuple(mask.shape)}")
+        m = mask[..., None].astype(x.dtype)
+        x = x * (1.0 - m) + mask_token.astype(x.dtype) * m
+    elif mask is not None:
+      raise ValueError("a token mask was given but the model has no mask token: build it with "
+                       "use_mask_token=True")
+
+    if self.ape:
+      pos = self.param("absolute_pos_embed", trunc_normal, (1, h * w, c), self.param_dtype)
+      x = x + pos.reshape(1, h, w, c).astype(x.dtype)
+    x = nn.Dropout(self.drop_rate)(x, deterministic=deterministic)
+
+    dpr = np.linspace(0, self.drop_path_rate, sum(self.depths)).tolist()
+    for i, depth in enumerate(self.depths):
+      x = BasicLayer(
+          int(self.embed_dim * 2 ** i), depth, self.num_heads[i], self.window_size,
+          mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop_rate,
+          attn_drop=self.attn_drop_rate, drop_path=dpr[sum(self.depths[:i]):sum(self.depths[:i + 1])],
+          downsample=i < len(self.depths) - 1, dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f"layers_{i}")(x, deterministic)
+    x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    if return_features:
+      return x
+    x = x.mean(axis=(1, 2))
+    if self.num_classes == 0:
+      return x
+    return nn.Dense(self.num_classes, name="head", dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=trunc_normal)(x)
+
+
+VARIANTS = {
+    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+
+
+def create_model(name: str, **kwargs) -> SwinTransformer:
+  """`create_model('swin_base', img_size=192, window_size=6, num_classes=0)`."""
+  if name not in VARIANTS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(VARIANTS)}")
+  return SwinTransformer(**{**VARIANTS[name], **kwargs})
