@@ -1,0 +1,364 @@
+"""Swin weights between PyTorch state dicts and Flax params, both ways.
+
+Accepted PyTorch layouts:
+  * 'official': microsoft/Swin-Transformer (downsample at the end of stages 0..n-2 as
+    `layers.{i}.downsample`, classifier `head.*`, persistent `relative_position_index` and
+    `attn_mask` buffers);
+  * 'timm' (>= 0.9): downsample at the start of stages 1..n-1 (`layers.{i+1}.downsample`),
+    classifier `head.fc.*`, no buffers;
+  * SimMIM checkpoints: the official layout under `encoder.` plus `encoder.mask_token`, with the
+    `decoder.*` weights kept apart (returned by `torch_to_flax(..., return_extra=True)`, never
+    mixed into the encoder params).
+
+Our Flax names mirror the official ones (see models/swin.py), so the map is a renaming plus the
+layout conversions: Linear weights transpose, Conv weights OIHW -> HWIO, LayerNorm weight -> scale.
+
+Command line (needs the `torch` extra):
+  python -m eesmm_jax.convert to-flax simmim_pretrain.pth ckpt_dir --model swin_base \
+      --img_size 224 --window_size 7 --num_classes 0 --use_mask_token
+  python -m eesmm_jax.convert to-torch ckpt_dir swin.pth --layout timm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from eesmm_jax.models import swin
+
+BUFFERS = ("relative_position_index", "attn_mask")
+LAYOUTS = ("timm", "official")
+
+
+class ConversionError(ValueError):
+  """Keys or shapes of a checkpoint do not fit the target model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Naming.
+
+
+def _flax_to_torch_name(path: tuple[str, ...], layout: str, num_stages: int) -> str:
+  """('layers_0', 'blocks_1', 'attn', 'qkv', 'kernel') -> 'layers.0.blocks.1.attn.qkv.weight'."""
+  parts = []
+  for name in path:
+    m = re.fullmatch(r"(layers|blocks)_(\d+)", name)
+    parts.extend([m.group(1), m.group(2)] if m else [name])
+  leaf = parts[-1]
+  parts[-1] = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+  key = ".".join(parts)
+  if layout == "timm":
+    key = re.sub(r"^layers\.(\d+)\.downsample",
+                 lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+    key = re.sub(r"^head\.", "head.fc.", key)
+  return key
+
+
+def _to_torch_value(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  return value
+
+
+def _to_flax_value(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+  return value
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+  """'official' when stage 0 owns a downsample or the head is a bare Linear, else 'timm'."""
+  if "layers.0.downsample.reduction.weight" in state_dict or "head.weight" in state_dict:
+    return "official"
+  return "timm"
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict, dict]:
+  """Strips the {'model': ...} wrapper and a SimMIM `encoder.` prefix.
+
+  Returns (encoder_state_dict, extra) where extra holds the keys outside the encoder
+  (a SimMIM `decoder.*`), under their original names.
+  """
+  for wrapper in ("model", "state_dict"):
+    if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
+      checkpoint = checkpoint[wrapper]
+  if not any(k.startswith("encoder.") for k in checkpoint):
+    return dict(checkpoint), {}
+  encoder = {k[len("encoder."):]: v for k, v in checkpoint.items() if k.startswith("encoder.")}
+  extra = {k: v for k, v in checkpoint.items() if not k.startswith("encoder.")}
+  return encoder, extra
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing position tables (when the window or image size changes between checkpoints).
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 (PyTorch's a=-0.75)."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] matrix of PyTorch's `interpolate(mode='bicubic', align_corners=False)` along one
+  axis: half-pixel source coordinates, border taps clamped."""
+  scale = in_size / out_size
+  src = (np.arange(out_size) + 0.5) * scale - 0.5
+  left = np.floor(src).astype(np.int64)
+  weights = _cubic_weights(src - left)
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for tap in range(4):
+    idx = np.clip(left - 1 + tap, 0, in_size - 1)
+    np.add.at(matrix, (np.arange(out_size), idx), weights[:, tap])
+  return matrix
+
+
+def resize_grid(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """Bicubic resize of [H, W, C] to [out_h, out_w, C], as the Swin reference's `load_pretrained`
+  does with F.interpolate (SimMIM's scipy interp2d no longer exists in SciPy >= 1.14)."""
+  mh = bicubic_matrix(grid.shape[0], out_hw[0])
+  mw = bicubic_matrix(grid.shape[1], out_hw[1])
+  out = np.einsum("oh,hwc,pw->opc", mh, grid.astype(np.float64), mw)
+  return out.astype(grid.dtype)
+
+
+def resize_relative_position_bias_table(table: np.ndarray, num_positions: int) -> np.ndarray:
+  """((2W-1)^2, heads) -> (num_positions, heads), both square grids of relative offsets."""
+  src, dst = _square_side(table.shape[0]), _square_side(num_positions)
+  return resize_grid(table.reshape(src, src, -1), (dst, dst)).reshape(dst * dst, -1)
+
+
+def resize_absolute_pos_embed(pos: np.ndarray, num_patches: int) -> np.ndarray:
+  """(1, L, C) -> (1, num_patches, C) over the square patch grid."""
+  src, dst = _square_side(pos.shape[1]), _square_side(num_patches)
+  return resize_grid(pos[0].reshape(src, src, -1), (dst, dst)).reshape(1, dst * dst, -1)
+
+
+def _square_side(n: int) -> int:
+  side = int(round(n ** 0.5))
+  if side * side != n:
+    raise ConversionError(f"cannot resize a table of {n} positions: not a square grid")
+  return side
+
+
+_RESIZERS = {
+    "relative_position_bias_table": resize_relative_position_bias_table,
+    "absolute_pos_embed": lambda v, shape: resize_absolute_pos_embed(v, shape[1]),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion.
+
+
+def param_shapes(model: swin.SwinTransformer) -> dict:
+  """The model's param tree as ShapeDtypeStructs, without allocating anything."""
+  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, model.in_chans), np.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _as_numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor; torch itself is imported only by the CLI
+    value = value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model: swin.SwinTransformer, *,
+                  return_extra: bool = False):
+  """PyTorch Swin (official, timm or SimMIM) state dict -> Flax params for `model`.
+
+  Buffers (`relative_position_index`, `attn_mask`) are ignored: the model computes them.
+  Relative position bias tables and `absolute_pos_embed` are resized bicubically when the
+  model's window or image size differs from the checkpoint's. Keys outside the encoder (a SimMIM
+  decoder) are refused unless `return_extra=True`, which returns `(params, extra)`.
+  Raises ConversionError naming missing and unexpected keys, or the first shape mismatch.
+  """
+  encoder, extra = unwrap_checkpoint(state_dict)
+  if extra and not return_extra:
+    raise ConversionError(
+        f"the checkpoint holds weights outside the encoder ({_preview(sorted(extra))}); pass "
+        "return_extra=True to receive them separately")
+  layout = detect_layout(encoder)
+  expected = _flatten(param_shapes(model))
+  names = {path: _flax_to_torch_name(path, layout, len(model.depths)) for path in expected}
+
+  missing = sorted(n for n in names.values() if n not in encoder)
+  wanted = set(names.values())
+  unexpected = sorted(k for k in encoder
+                      if k not in wanted and not k.split(".")[-1] in BUFFERS)
+  if missing or unexpected:
+    raise ConversionError(
+        f"checkpoint ({layout} layout) does not fit {type(model).__name__}"
+        f"(embed_dim={model.embed_dim}, depths={tuple(model.depths)}, "
+        f"num_classes={model.num_classes}, use_mask_token={model.use_mask_token}, "
+        f"ape={model.ape}): missing keys {_preview(missing)}; unexpected keys "
+        f"{_preview(unexpected)}")
+
+  flat = {}
+  for path, spec in expected.items():
+    value = _to_flax_value(path, _as_numpy(encoder[names[path]]))
+    if value.shape != spec.shape and path[-1] in _RESIZERS:
+      value = _RESIZERS[path[-1]](value, spec.shape)
+    if value.shape != spec.shape:
+      raise ConversionError(
+          f"shape mismatch for {names[path]} (flax {'/'.join(path)}): checkpoint "
+          f"{tuple(_as_numpy(encoder[names[path]]).shape)} -> {value.shape} after layout "
+          f"conversion, model expects {tuple(spec.shape)}")
+    flat[path] = value.astype(spec.dtype)
+  params = _unflatten(flat)
+  if return_extra:
+    return params, {k: _as_numpy(v) for k, v in extra.items()}
+  return params
+
+
+def flax_to_torch(params: Mapping, model: swin.SwinTransformer,
+                  layout: str = "timm") -> dict[str, np.ndarray]:
+  """Flax params -> a state dict (numpy values) that loads with `strict=True` into timm's
+  SwinTransformer ('timm') or microsoft/Swin-Transformer's ('official', buffers included).
+  A `mask_token`, if present, is exported as `mask_token` (prefix the keys with `encoder.` for a
+  SimMIM checkpoint)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  expected = _flatten(param_shapes(model))
+  flat = _flatten(params)
+  if set(flat) != set(expected):
+    missing = sorted("/".join(p) for p in set(expected) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(expected))
+    raise ConversionError(f"params do not fit the model: missing {_preview(missing)}; "
+                          f"unexpected {_preview(extra)}")
+  out = {}
+  for path, value in flat.items():
+    value = np.asarray(value)
+    if value.shape != expected[path].shape:
+      raise ConversionError(f"shape mismatch for {'/'.join(path)}: params {value.shape}, "
+                            f"model expects {tuple(expected[path].shape)}")
+    out[_flax_to_torch_name(path, layout, len(model.depths))] = _to_torch_value(path, value)
+  if layout == "official":
+    out.update(_official_buffers(model))
+  return out
+
+
+def _official_buffers(model: swin.SwinTransformer) -> dict[str, np.ndarray]:
+  """The persistent buffers that the official model's strict load expects."""
+  out = {}
+  res = model.img_size // model.patch_size
+  for i, depth in enumerate(model.depths):
+    for j in range(depth):
+      ws, shift = swin.effective_window(res, model.window_size,
+                                        0 if j % 2 == 0 else model.window_size // 2)
+      prefix = f"layers.{i}.blocks.{j}"
+      out[f"{prefix}.attn.relative_position_index"] = swin.relative_position_index(ws)
+      if shift:
+        out[f"{prefix}.attn_mask"] = swin.shifted_window_mask(res, res, ws, shift)
+    res //= 2
+  return out
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+  if not keys:
+    return "none"
+  more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+  return "[" + ", ".join(keys[:limit]) + "]" + more
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: .pth <-> Orbax checkpoint (params plus a model.json describing the model).
+
+MODEL_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths",
+                "num_heads", "window_size", "mlp_ratio", "qkv_bias", "ape", "patch_norm",
+                "use_mask_token")
+
+
+def model_spec(model: swin.SwinTransformer) -> dict:
+  return {f: (list(getattr(model, f)) if f in ("depths", "num_heads") else getattr(model, f))
+          for f in MODEL_FIELDS}
+
+
+def save_flax(params, model: swin.SwinTransformer, directory: str) -> None:
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+  with open(os.path.join(directory, "model.json"), "w") as f:
+    json.dump(model_spec(model), f, indent=1)
+
+
+def load_flax(directory: str):
+  """-> (params, model) from a directory written by `save_flax`."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "model.json")) as f:
+    model = swin.SwinTransformer(**json.load(f))
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(directory, "params"), param_shapes(model))
+  return jax.tree_util.tree_map(np.asarray, params), model
+
+
+def main(argv=None) -> None:
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m eesmm_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  to_flax = sub.add_parser("to-flax", help=".pth -> Orbax checkpoint directory")
+  to_flax.add_argument("src")
+  to_flax.add_argument("dst")
+  to_flax.add_argument("--model", default="swin_base", choices=sorted(swin.VARIANTS))
+  to_flax.add_argument("--img_size", type=int, default=224)
+  to_flax.add_argument("--window_size", type=int, default=7)
+  to_flax.add_argument("--num_classes", type=int, default=1000)
+  to_flax.add_argument("--use_mask_token", action="store_true")
+  to_flax.add_argument("--ape", action="store_true")
+  to_torch = sub.add_parser("to-torch", help="Orbax checkpoint directory -> .pth")
+  to_torch.add_argument("src")
+  to_torch.add_argument("dst")
+  to_torch.add_argument("--layout", default="timm", choices=LAYOUTS)
+  args = parser.parse_args(argv)
+
+  import torch
+  if args.command == "to-flax":
+    model = swin.create_model(args.model, img_size=args.img_size, window_size=args.window_size,
+                              num_classes=args.num_classes, use_mask_token=args.use_mask_token,
+                              ape=args.ape)
+    checkpoint = torch.load(args.src, map_location="cpu", weights_only=True)
+    params, extra = torch_to_flax(checkpoint, model, return_extra=True)
+    save_flax(params, model, args.dst)
+    if extra:
+      print(f"left out {len(extra)} non-encoder tensors: {_preview(sorted(extra))}")
+    print(f"wrote {args.dst}")
+  else:
+    params, model = load_flax(args.src)
+    state = flax_to_torch(params, model, layout=args.layout)
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, args.dst)
+    print(f"wrote {args.dst} ({args.layout} layout, {len(state)} tensors)")
+
+
+if __name__ == "__main__":
+  main()
