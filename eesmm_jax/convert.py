@@ -150,7 +150,7 @@ def _square_side(n: int) -> int:
 
 
 _RESIZERS = {
-    "relative_position_bias_table": resize_relative_position_bias_table,
+    "relative_position_bias_table": lambda v, shape: resize_relative_position_bias_table(v, shape[0]),
     "absolute_pos_embed": lambda v, shape: resize_absolute_pos_embed(v, shape[1]),
 }
 
@@ -213,7 +213,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: swin.SwinTransformer, *,
   missing = sorted(n for n in names.values() if n not in encoder)
   wanted = set(names.values())
   unexpected = sorted(k for k in encoder
-                      if k not in wanted and not k.split(".")[-1] in BUFFERS)
+                      if k not in wanted and k.split(".")[-1] not in BUFFERS)
   if missing or unexpected:
     raise ConversionError(
         f"checkpoint ({layout} layout) does not fit {type(model).__name__}"
@@ -336,6 +336,9 @@ def main(argv=None) -> None:
   to_flax.add_argument("--num_classes", type=int, default=1000)
   to_flax.add_argument("--use_mask_token", action="store_true")
   to_flax.add_argument("--ape", action="store_true")
+  to_flax.add_argument("--embed_dim", type=int, help="override the variant's width")
+  to_flax.add_argument("--depths", type=int, nargs="+", help="override the variant's depths")
+  to_flax.add_argument("--num_heads", type=int, nargs="+", help="override the variant's heads")
   to_torch = sub.add_parser("to-torch", help="Orbax checkpoint directory -> .pth")
   to_torch.add_argument("src")
   to_torch.add_argument("dst")
@@ -344,9 +347,12 @@ def main(argv=None) -> None:
 
   import torch
   if args.command == "to-flax":
+    overrides = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in vars(args).items()
+                 if k in ("embed_dim", "depths", "num_heads") and v is not None}
     model = swin.create_model(args.model, img_size=args.img_size, window_size=args.window_size,
                               num_classes=args.num_classes, use_mask_token=args.use_mask_token,
-                              ape=args.ape)
+                              ape=args.ape, **overrides)
     checkpoint = torch.load(args.src, map_location="cpu", weights_only=True)
     params, extra = torch_to_flax(checkpoint, model, return_extra=True)
     save_flax(params, model, args.dst)

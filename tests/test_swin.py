@@ -1,0 +1,73 @@
+"""Swin model: shapes, variants, size validation and train-mode behaviour (no PyTorch needed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eesmm_jax.models import swin
+
+
+def n_params(model):
+  x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
+
+
+@pytest.mark.parametrize("name,millions", [("swin_tiny", 28.29), ("swin_small", 49.61),
+                                           ("swin_base", 87.77), ("swin_large", 196.53)])
+def test_variant_parameter_counts_match_the_paper(name, millions):
+  assert n_params(swin.create_model(name)) / 1e6 == pytest.approx(millions, abs=0.01)
+
+
+def test_sizes_that_do_not_tile_are_refused_with_the_sizes_that_would():
+  with pytest.raises(ValueError, match=r"window_size 7 does not tile.*one of \[224, 448\]"):
+    swin.create_model("swin_tiny", img_size=192, window_size=7)
+  with pytest.raises(ValueError, match="unknown model 'swin_huge'"):
+    swin.create_model("swin_huge")
+  assert 192 in swin.valid_image_sizes(4, 6, 4) and 224 in swin.valid_image_sizes(4, 7, 4)
+
+
+def test_small_last_stage_is_one_unshifted_window():
+  # Swin-L at 192 with window 12: the last stage is 6x6, so its window shrinks to 6.
+  assert swin.effective_window(6, 12, 6) == (6, 0)
+  assert swin.effective_window(12, 6, 3) == (6, 3)
+
+
+def test_outputs_features_and_masking():
+  model = swin.SwinTransformer(img_size=64, window_size=4, embed_dim=16, depths=(2, 2),
+                               num_heads=(1, 2), num_classes=5, use_mask_token=True)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  assert model.apply({"params": params}, x).shape == (2, 5)
+  assert model.apply({"params": params}, x, return_features=True).shape == (2, 8, 8, 32)
+  mask = jnp.zeros((2, 16, 16), jnp.int32).at[:, :8].set(1)
+  masked = model.apply({"params": params}, x, mask)
+  assert not np.allclose(masked, model.apply({"params": params}, x))
+  with pytest.raises(ValueError, match=r"mask must be \[B, H/patch, W/patch\]"):
+    model.apply({"params": params}, x, mask[:, :8])
+  with pytest.raises(ValueError, match=r"expected images \[B, 64, 64, 3\]"):
+    model.apply({"params": params}, x[:, :32])
+
+
+def test_drop_path_only_in_training_mode():
+  model = swin.SwinTransformer(img_size=64, window_size=4, embed_dim=16, depths=(2, 2),
+                               num_heads=(1, 2), num_classes=0, drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  evaluate = model.apply({"params": params}, x)
+  np.testing.assert_array_equal(evaluate, model.apply({"params": params}, x))
+  train = lambda seed: model.apply({"params": params}, x, train=True,
+                                   rngs={"dropout": jax.random.key(seed)})
+  assert not np.allclose(train(0), evaluate)
+  assert not np.allclose(train(0), train(1))
+  np.testing.assert_array_equal(train(2), train(2))
+
+
+def test_bf16_compute_keeps_float32_params():
+  model = swin.SwinTransformer(img_size=64, window_size=4, embed_dim=16, depths=(2, 2),
+                               num_heads=(1, 2), num_classes=3, dtype=jnp.bfloat16)
+  x = jnp.ones((1, 64, 64, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  assert model.apply({"params": params}, x).dtype == jnp.bfloat16
