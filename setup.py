@@ -22,6 +22,8 @@ setup(
         "ml-collections>=1.0",
         "chex>=0.1.88",
         "absl-py>=2.0",
+        "clu>=0.0.10",  # metric writers (TensorBoard + logging)
+        "tensorboard>=2.16",
         "numpy>=1.26",
         "pillow>=10",
     ],

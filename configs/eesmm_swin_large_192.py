@@ -1,0 +1,28 @@
+"""EESMM (n = 2) with Swin-L: 192 px, window 12, 800 epochs (SimMIM's Swin-L recipe).
+
+Run:
+  python -m eesmm_jax.main --config configs/eesmm_swin_large_192.py \
+      --workdir $WORK/eesmm_l192 --config.data.data_dir=$TFDS_DATA_DIR
+
+SimMIM simmim_pretrain__swin_large__img192_window12__800ep: batch 2048, base lr 1e-4, warm-up
+lr 5e-7, 10 warm-up epochs, multistep x0.1 at epoch 700, window 12 (the last stage, 6x6, is one
+unshifted window). Result: not run by us (thousands of GPU-hours).
+"""
+
+from eesmm_jax.config import pretrain_config
+
+
+def get_config():
+  c = pretrain_config()
+  c.img_size = 192
+  c.model.name = "swin_large"
+  c.model.window_size = 12
+  c.objective.num_mix = 2
+  c.batch_size = 2048
+  c.optim.epochs = 800
+  c.optim.warmup_epochs = 10
+  c.optim.base_lr = 1e-4
+  c.optim.warmup_lr = 5e-7
+  c.optim.schedule = "multistep"
+  c.optim.multistep_milestones = (700,)
+  return c

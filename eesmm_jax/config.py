@@ -1,0 +1,47 @@
+"""The pretraining config's shape: every key a run reads, with SimMIM Swin-B 192 defaults.
+
+Config files in configs/ start from `pretrain_config()` and change what their experiment changes,
+so each reads as a description of the experiment. `img_size` and `seed` are shared references:
+`--config.img_size=224` moves the model and the input pipeline together.
+"""
+
+import ml_collections
+
+from eesmm_jax import input_pipeline, objectives, optim
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.img_size = 192
+  # Compute dtype: 'float32', 'bfloat16' (A100/H100/TPU) or 'float16'; params stay float32.
+  c.dtype = "float32"
+  # Images per step over all processes (n images make one blended sample: n * B).
+  c.batch_size = 2048
+  # Steps of the run; None = optim.epochs over the dataset.
+  c.total_steps = ml_collections.config_dict.placeholder(int)
+  c.log_every = 50
+  c.picture_every = 1000      # reconstruction grid PNG + TensorBoard image; 0 = never
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  # Encoder weights to start from: a PyTorch .pth (official, timm or SimMIM layout) or a
+  # directory written by `python -m eesmm_jax.convert to-flax`.
+  c.init_from = ml_collections.config_dict.placeholder(str)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "swin_base"        # swin_tiny | swin_small | swin_base | swin_large
+  c.model.img_size = c.get_ref("img_size")
+  c.model.window_size = 6
+  c.model.patch_size = 4
+  c.model.drop_path_rate = 0.0      # SimMIM pretrains without drop path
+  # Set these to override the named variant (e.g. a tiny Swin for tests and the demo).
+  c.model.embed_dim = ml_collections.config_dict.placeholder(int)
+  c.model.depths = ml_collections.config_dict.placeholder(tuple)
+  c.model.num_heads = ml_collections.config_dict.placeholder(tuple)
+
+  c.objective = objectives.default_objective_config()
+  c.data = input_pipeline.default_data_config()
+  c.data.img_size = c.get_ref("img_size")
+  c.data.seed = c.get_ref("seed")
+  c.optim = optim.default_optim_config()
+  return c

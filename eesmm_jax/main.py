@@ -1,0 +1,53 @@
+"""Command line: `python -m eesmm_jax.main --config configs/<file>.py[:arg] --workdir DIR
+[--config.<key>=<value> ...]`. The config is locked, so a misspelt key is an error.
+
+Several processes (SLURM, a TPU pod, or `launch/local_multiprocess.sh`) are detected from the
+environment and joined with `jax.distributed.initialize()` before JAX touches a device.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and pictures go here; a run resumes "
+                    "from it when it holds a checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+def launched_as_several_processes() -> bool:
+  if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
+    return True
+  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or
+              "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize(), given process ids by our launcher or found by JAX itself."""
+  import jax
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # CPU processes (tests, the local launcher) all-reduce through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if "JAX_NUM_PROCESSES" in os.environ:
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  import jax
+  if launched_as_several_processes():
+    initialize_distributed()
+  logging.info("process %d/%d, %d local / %d global devices: %s", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  from eesmm_jax import train
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
