@@ -108,7 +108,7 @@ def make_train_step(loss_fn, tx, schedule, accum_steps: int):
         lambda p: loss_fn(p, images, rng, True), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step // accum_steps))
     for k in range(aux["loss_components"].shape[0]):
       metrics[f"loss_component_{k}"] = aux["loss_components"][k]
@@ -176,10 +176,14 @@ class MetricsLog:
 # The run.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
+                       stop_after: int | None = None) -> TrainState:
   """Pretrains as `config` says, resuming from `workdir` if it holds a checkpoint.
-  `devices` restricts the mesh (tests compare 1 and 8 devices in one process)."""
+
+  `devices` restricts the mesh (tests compare 1 and 8 devices in one process). `stop_after`
+  ends the run early, with a checkpoint, at that step, as an interrupted run would: the schedule
+  still spans the whole run.
+  """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
 
@@ -252,7 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.start(start)
   metrics = None
   picture_batch = None
-  for step in range(start + 1, steps + 1):
+  last = steps if stop_after is None else min(steps, stop_after)
+  for step in range(start + 1, last + 1):
     images = global_batch_from_local(next(batches)["image"], data_sharding)
     state, metrics = train_step(state, images)
     if picture_batch is None:
@@ -263,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.picture_every and (step % config.picture_every == 0 or step == steps):
       aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
       pictures.write_reconstructions(workdir, step, aux, log.writer)
-    if step % config.checkpoint_every == 0 or step == steps:
+    if step % config.checkpoint_every == 0 or step == last:
       manager.save(step, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()

@@ -124,7 +124,8 @@ def test_superpose_and_token_mask():
   comps = images(6).reshape(3, 2, IMG, IMG, 3)
   keeps = jnp.asarray(np.random.default_rng(2).integers(0, 2, (3, 2, IMG, IMG)))
   blend = objectives.superpose(comps, keeps, (0.25, 0.75))
-  expected = 0.25 * keeps[:, 0, ..., None] * comps[:, 0] + 0.75 * keeps[:, 1, ..., None] * comps[:, 1]
+  k = keeps[..., None]
+  expected = 0.25 * k[:, 0] * comps[:, 0] + 0.75 * k[:, 1] * comps[:, 1]
   np.testing.assert_allclose(blend, expected, rtol=1e-6)
   masks = jnp.asarray([[[[1, 1], [0, 1]], [[1, 0], [0, 1]]]])  # [B=1, n=2, 2, 2]
   np.testing.assert_array_equal(objectives.token_mask(masks), [[[1, 0], [0, 1]]])
@@ -286,7 +287,7 @@ def test_simmim_loss_matches_pytorch():
   with jax.default_matmul_precision("highest"):
     loss, aux = jax.jit(objectives.build_objective(cfg, model), static_argnums=3)(
         params, jnp.asarray(x), jax.random.key(0), False)
-  mask = torch.from_numpy(np.asarray(aux["masks"][:, 0]))
+  mask = torch.from_numpy(np.array(aux["masks"][:, 0]))
   with torch.no_grad():
     expected = ref(torch_ref.to_nchw(x), mask).item()
   print(f"SimMIM loss: jax {float(loss):.7f}, torch {expected:.7f}, "

@@ -25,6 +25,8 @@ def test_sizes_that_do_not_tile_are_refused_with_the_sizes_that_would():
     swin.create_model("swin_tiny", img_size=192, window_size=7)
   with pytest.raises(ValueError, match="unknown model 'swin_huge'"):
     swin.create_model("swin_huge")
+  with pytest.raises(ValueError, match=r"width 16 .* num_heads\[0\] = 3 does not divide"):
+    swin.create_model("swin_tiny", embed_dim=16)
   assert 192 in swin.valid_image_sizes(4, 6, 4) and 224 in swin.valid_image_sizes(4, 7, 4)
 
 

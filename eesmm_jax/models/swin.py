@@ -340,6 +340,11 @@ class SwinTransformer(nn.Module):
     if len(self.num_heads) != len(self.depths):
       raise ValueError(f"num_heads {tuple(self.num_heads)} needs one entry per stage "
                        f"(depths {tuple(self.depths)})")
+    for i, heads in enumerate(self.num_heads):
+      if (self.embed_dim * 2 ** i) % heads:
+        raise ValueError(f"stage {i} has width {self.embed_dim * 2 ** i} (embed_dim "
+                         f"{self.embed_dim} x 2^{i}), which num_heads[{i}] = {heads} does not "
+                         f"divide")
     super().__post_init__()
 
   @nn.compact
