@@ -5,9 +5,13 @@ so each reads as a description of the experiment. `img_size` and `seed` are shar
 `--config.img_size=224` moves the model and the input pipeline together.
 """
 
+import os
+import tempfile
+
 import ml_collections
 
 from eesmm_jax import input_pipeline, objectives, optim
+from eesmm_jax.models import swin
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
@@ -24,6 +28,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.picture_every = 1000      # reconstruction grid PNG + TensorBoard image; 0 = never
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # Shard params and optimizer state over the data axis (FSDP) instead of replicating them.
+  c.fsdp = False
+  # fp16: a run stops when this many steps in a row overflow (the loss itself is then broken).
+  c.max_skipped_steps = 20
   # Encoder weights to start from: a PyTorch .pth (official, timm or SimMIM layout) or a
   # directory written by `python -m eesmm_jax.convert to-flax`.
   c.init_from = ml_collections.config_dict.placeholder(str)
@@ -45,3 +53,48 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.seed = c.get_ref("seed")
   c.optim = optim.default_optim_config()
   return c
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:
+  """Every check a run needs, before anything compiles or reads data: each bad value raises a
+  ValueError that names the key and what would be accepted."""
+  from eesmm_jax import masking, train  # train imports this module
+
+  if config.model.name not in swin.VARIANTS:
+    raise ValueError(f"config.model.name={config.model.name!r} is unknown; choose one of "
+                     f"{sorted(swin.VARIANTS)}")
+  try:
+    encoder = train.create_encoder(config, num_classes=0, use_mask_token=True)
+  except ValueError as e:
+    raise ValueError(f"config.img_size / config.model: {e}") from None
+  c = config.objective
+  try:
+    masking.check_mask_args(config.img_size, c.mask_patch_size, encoder.patch_size, c.mask_ratio)
+  except ValueError as e:
+    raise ValueError(f"config.objective: {e}") from None
+  objectives.check_objective_config(c)
+
+  if not isinstance(config.batch_size, int) or config.batch_size % (c.num_mix * num_devices):
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by num_mix x "
+                     f"devices = {c.num_mix} x {num_devices} (= {c.num_mix * num_devices}), so "
+                     f"every device blends whole groups of images")
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if config[key] < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  if config.total_steps is not None and config.total_steps < 1:
+    raise ValueError(f"config.total_steps must be None (use optim.epochs) or >= 1, got "
+                     f"{config.total_steps}")
+
+  input_pipeline.check_data_config(config.data)
+  # Builds the schedule once: refuses a warm-up longer than the run, bad milestones, ...
+  optim.make_schedule(train.optim_config(config, encoder), config.batch_size,
+                      train.steps_per_epoch(config))
+
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror}); checkpoints, "
+                     f"metrics and pictures go there") from None

@@ -22,6 +22,9 @@ Augmentation (SimMIM `data_simmim.py`): RandomResizedCrop(img_size, scale (0.67,
 4/3)) with torchvision's sampling (10 tries, then a centre crop clamped to the ratio range),
 bilinear antialiased resize, horizontal flip with p 0.5, ImageNet mean/std normalisation;
 float32 NHWC.
+
+`create_eval_iterator` is the probe / evaluation input: one ordered pass, centre crops, padded
+batches with a 'mask', the same number of batches on every process.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 NAMED_DATASETS = ("imagenet2012", "cifar10", "cifar100", "folder", "synthetic")
-_MAX_EPOCHS = 2 ** 62
+_FOREVER = 2 ** 62  # the end of Dataset.range for unbounded streams
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -61,6 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cache = False               # keep the encoded examples in memory after the first epoch
   c.prefetch = -1               # batches; -1 = AUTOTUNE, 0 = none
   c.synthetic_examples = 1_281_167  # the 'epoch' of 'synthetic' (ImageNet-1k train size)
+  c.eval_crop_pct = 0.875       # evaluation: resize to img_size / crop_pct, centre crop
   return c
 
 
@@ -153,7 +157,7 @@ def _tfds_builder(config):
         "TFDS image dataset, optionally as 'tfds:<name>'") from None
 
 
-def _tfds_source(config, process_index, process_count) -> _Source:
+def _tfds_source(config, process_index, process_count, split=None, train=True) -> _Source:
   builder = _tfds_builder(config)
   features = builder.info.features
   image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
@@ -162,24 +166,35 @@ def _tfds_source(config, process_index, process_count) -> _Source:
                      f"{list(features.keys())})")
   image_key = "image" if "image" in image_keys else image_keys[0]
   has_label = "label" in features and isinstance(features["label"], tfds.features.ClassLabel)
-  split = tfds.split_for_jax_process(config.split, process_index=process_index,
+  split = tfds.split_for_jax_process(split or config.split, process_index=process_index,
                                      process_count=process_count)
   try:
     ds = builder.as_dataset(
-        split=split, shuffle_files=True,
+        split=split, shuffle_files=train,
         decoders={image_key: tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(shuffle_seed=int(config.seed),
                                     shuffle_reshuffle_each_iteration=False))
   except AssertionError as e:  # TFDS's "could not find data" when not prepared
     raise ValueError(f"TFDS dataset {builder.name!r} is not prepared in data_dir "
-                     f"{builder.data_dir!r}: run `tfds build {builder.name} "
-                     f"--data_dir=<data_dir>` or builder.download_and_prepare() once ({e})") from None
+                     f"{builder.data_dir!r}: run `tfds build {builder.name} --data_dir="
+                     f"<data_dir>` or builder.download_and_prepare() once ({e})") from None
   n = int(ds.cardinality())
   if n < 0:
     n = builder.info.splits[split].num_examples
   ds = ds.map(lambda ex: {"raw": ex[image_key],
                           **({"label": tf.cast(ex["label"], tf.int32)} if has_label else {})})
   return _Source(ds, n, int(config.shuffle_buffer))
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any compile, on a dataset that cannot be read: an unknown name, a
+  missing data_dir, an empty folder. Cheap: lists files, reads no image."""
+  if config.dataset == "synthetic":
+    return
+  if config.dataset == "folder":
+    list_folder(config.data_dir, config.split)
+    return
+  _tfds_builder(config)
 
 
 def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int]], list[str]]:
@@ -222,23 +237,26 @@ def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int
   return paths, labels, classes
 
 
-def _folder_source(config, process_index, process_count) -> _Source:
-  paths, labels, _ = list_folder(config.data_dir, config.split)
-  # Equal strided shards: each process sees every class and the same number of examples.
+def _folder_source(config, process_index, process_count, split=None, train=True) -> _Source:
+  paths, labels, _ = list_folder(config.data_dir, split or config.split)
+  # Strided shards: each process sees every class. Training drops the remainder so every
+  # process has the same epoch; evaluation keeps every image.
   n_local = len(paths) // process_count
   if n_local == 0:
     raise ValueError(f"{len(paths)} images in {config.data_dir!r} cannot be split over "
                      f"{process_count} processes")
-  sl = slice(process_index, process_index + n_local * process_count, process_count)
+  stop = process_index + n_local * process_count if train else None
+  sl = slice(process_index, stop, process_count)
+  n_local = len(paths[sl])
   elements = {"path": paths[sl]}
   if labels is not None:
     elements["label"] = np.asarray(labels[sl], np.int32)
   ds = tf.data.Dataset.from_tensor_slices(elements)
-  buffer = n_local
+  buffer = n_local  # a full permutation: paths are cheap to hold
   if config.cache:  # read the bytes once, then buffer bytes instead of paths
     ds = ds.map(lambda ex: {"raw": tf.io.read_file(ex["path"]),
                             **{k: v for k, v in ex.items() if k != "path"}})
-    buffer = int(config.shuffle_buffer)
+    buffer = min(int(config.shuffle_buffer), n_local)  # same order as uncached if >= n_local
   return _Source(ds, n_local, buffer)
 
 
@@ -297,8 +315,10 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
       return {"image": tf.random.stateless_normal([local_batch, size, size, 3], s_img),
               "label": tf.random.stateless_uniform([local_batch], s_lab, 0, 1000, tf.int32)}
 
-    ds = tf.data.Dataset.range(start_step, 2 ** 62).map(synthetic)
-    return ds.prefetch(_autotune(config.prefetch)).with_options(options)
+    ds = tf.data.Dataset.range(start_step, _FOREVER).map(synthetic)
+    if config.prefetch:
+      ds = ds.prefetch(_autotune(config.prefetch))
+    return ds.with_options(options)
 
   if config.dataset == "folder":
     source = _folder_source(config, process_index, process_count)
@@ -324,7 +344,7 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
     return out
 
   position = start_step * local_batch
-  ds = tf.data.Dataset.range(position // source.num_local, _MAX_EPOCHS).flat_map(epoch)
+  ds = tf.data.Dataset.range(position // source.num_local, _FOREVER).flat_map(epoch)
   ds = ds.skip(position % source.num_local)
   ds = ds.map(load, num_parallel_calls=_autotune(config.num_parallel_calls))
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -347,13 +367,74 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: in
   return ds.as_numpy_iterator()
 
 
-def num_examples(config: ml_collections.ConfigDict) -> int:
-  """Examples in config.split over all processes, for steps per epoch = this // global_batch."""
+def center_crop(raw: tf.Tensor, img_size: int, crop_pct: float) -> tf.Tensor:
+  """The evaluation view: shorter side resized to img_size / crop_pct, centre img_size crop."""
+  image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  resized = tf.cast(tf.round(hw * (img_size / crop_pct) / tf.reduce_min(hw)), tf.int32)
+  resized = tf.maximum(resized, img_size)
+  image = tf.image.resize(image, resized, method="bilinear", antialias=True)
+  top, left = (resized[0] - img_size) // 2, (resized[1] - img_size) // 2
+  return tf.ensure_shape(normalize(image[top:top + img_size, left:left + img_size]),
+                         [img_size, img_size, 3])
+
+
+def create_eval_iterator(config: ml_collections.ConfigDict, global_batch: int,
+                         split: Optional[str] = None, *, process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> Iterator[dict]:
+  """One ordered pass over `split` (default config.split) for probes and evaluation.
+
+  Images are centre crops (`center_crop`, config.eval_crop_pct), not augmented, not shuffled.
+  Every process yields the same number of batches of global_batch // process_count; the last
+  ones are padded with zero images, and 'mask' (bool [b]) is False on padding, so every real
+  example is counted once. Elements: {'image', 'mask', 'label' when the source has labels}.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  if global_batch % process_count:
+    raise ValueError(f"global_batch {global_batch} is not divisible by process_count "
+                     f"{process_count}")
+  if config.dataset == "synthetic":
+    raise ValueError("dataset 'synthetic' has no evaluation split")
+  local_batch = global_batch // process_count
+  _hide_accelerators_from_tf()
+  split = split or config.split
+  if config.dataset == "folder":
+    source = _folder_source(config, process_index, process_count, split, train=False)
+  else:
+    source = _tfds_source(config, process_index, process_count, split, train=False)
+  # The largest process's share sets the number of batches of all.
+  per_process = -(-num_examples(config, split) // process_count)
+  num_batches = -(-per_process // local_batch)
+  size, crop_pct = int(config.img_size), float(config.eval_crop_pct)
+
+  def load(ex):
+    raw = tf.io.read_file(ex["path"]) if "path" in ex else ex["raw"]
+    out = {"image": center_crop(raw, size, crop_pct), "mask": tf.constant(True)}
+    if "label" in ex:
+      out["label"] = ex["label"]
+    return out
+
+  ds = source.records.map(load, num_parallel_calls=_autotune(config.num_parallel_calls))
+  padding = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+  if config.prefetch:
+    ds = ds.prefetch(_autotune(config.prefetch))
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).as_numpy_iterator()
+
+
+def num_examples(config: ml_collections.ConfigDict, split: Optional[str] = None) -> int:
+  """Examples in `split` (default config.split) over all processes.
+
+  Steps per epoch = this // global_batch.
+  """
   if config.dataset == "synthetic":
     return int(config.synthetic_examples)
   if config.dataset == "folder":
-    return len(list_folder(config.data_dir, config.split)[0])
-  return _tfds_source(config, 0, 1).num_local
+    return len(list_folder(config.data_dir, split or config.split)[0])
+  return _tfds_source(config, 0, 1, split, train=False).num_local
 
 
 # ----------------------------------------------------------------------------- demo data

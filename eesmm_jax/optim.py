@@ -1,25 +1,25 @@
 """The optimizer of SimMIM pretraining and fine-tuning, built from optax parts.
 
-Reference: microsoft/SimMIM `optimizer.py`, `lr_scheduler.py` and `main_simmim.py` (learning-rate
-scaling), which use timm's `CosineLRScheduler`. What is matched, and why each part is built as it is:
+Reference: microsoft/SimMIM `optimizer.py`, `lr_scheduler.py` and `main_simmim.py` (lr scaling),
+which use timm's `CosineLRScheduler`. What is matched, and why each part is built as it is:
 
-* AdamW (b1, b2, eps from the config: the EESMM paper uses eps 1e-6, SimMIM 1e-8) with weight decay
-  0.05 on every parameter except the reference's no-decay set: 1-D parameters (biases, LayerNorm
-  scales), `absolute_pos_embed`, `mask_token` and `relative_position_bias_table`. `optax.adamw`'s
-  `mask=` does this, so the decay is decoupled and multiplied by the lr exactly as torch's AdamW.
+* AdamW (b1, b2, eps from the config: the EESMM paper uses eps 1e-6, SimMIM 1e-8) with weight
+  decay 0.05 on every parameter except the reference's no-decay set: 1-D parameters (biases,
+  LayerNorm scales), `absolute_pos_embed`, `mask_token` and `relative_position_bias_table`.
+  `optax.adamw`'s `mask=` does this; the decay is decoupled and multiplied by the lr, as torch's.
 * Layer-wise lr decay with SimMIM's Swin layer ids (`get_swin_layer`, see `swin_layer_id`). torch
   gives every (layer, decay) group its own `lr * scale`; AdamW's update is linear in the lr, so one
-  `optax.adamw` followed by a per-group `optax.scale(scale)` gives the same parameters. We prefer that
-  to one adamw per group because the optimizer state is then a single Adam state shaped like the
-  params whatever the layer decay, so checkpoints do not change layout when the decay is switched on.
+  `optax.adamw` followed by a per-group `optax.scale(scale)` gives the same parameters. We prefer
+  that to one adamw per group because the optimizer state is then a single Adam state shaped like
+  the params whatever the layer decay, so checkpoints keep their layout when the decay changes.
 * Gradient clipping by global norm (5.0) before AdamW, as torch's `clip_grad_norm_` before
   `optimizer.step()`.
 * Gradient accumulation with `optax.MultiSteps` (mean of the micro-batch gradients, equal to the
   reference's `loss / accumulation_steps` summed). One difference: with accumulation the reference
   clips the running sum after every micro-batch, we clip the accumulated mean once per update; the
   two agree whenever no clipping happens.
-* Learning rates scaled by (global batch * accumulation steps) / 512 (`scaled_lrs`), schedules stepped
-  per optimizer update (`make_schedule`).
+* Learning rates scaled by (global batch * accumulation steps) / 512 (`scaled_lrs`), schedules
+  stepped per optimizer update (`make_schedule`).
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.eps = 1e-6              # EESMM paper; the SimMIM code uses 1e-8
   c.clip_grad = 5.0         # 0 turns clipping off
   c.layer_decay = 1.0       # 1.0 = off (SimMIM pretraining); 0.9 / 0.8 for fine-tuning
-  c.warmup_epochs = 10
-  c.epochs = 100
+  c.warmup_epochs = 10.0    # floats, so fractions of an epoch can be given
+  c.epochs = 100.0
   c.schedule = "cosine"     # 'cosine' | 'multistep'
   c.multistep_milestones = (700,)  # epochs; only read by 'multistep' (SimMIM 800-epoch recipe)
   c.multistep_gamma = 0.1
@@ -186,8 +186,9 @@ def make_schedule(config: ml_collections.ConfigDict, global_batch: int,
     raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
   lrs = scaled_lrs(config, global_batch)
   per_epoch = steps_per_epoch / int(config.accum_steps)
-  total = int(config.epochs * per_epoch)
-  warmup = int(config.warmup_epochs * per_epoch)
+  # int() as the reference; the epsilon keeps float epochs (total_steps / steps_per_epoch) exact.
+  steps = lambda epochs: int(epochs * per_epoch + 1e-6)
+  total, warmup = steps(config.epochs), steps(config.warmup_epochs)
   if total <= 0:
     raise ValueError(f"epochs={config.epochs} at {per_epoch:g} updates per epoch gives no update")
   base, init, floor = lrs["base_lr"], lrs["warmup_lr"], lrs["min_lr"]
@@ -199,7 +200,7 @@ def make_schedule(config: ml_collections.ConfigDict, global_batch: int,
   else:
     scales: dict[int, float] = {}
     for m in config.multistep_milestones:
-      b = int(m * per_epoch) - warmup
+      b = steps(m) - warmup
       scales[b] = scales.get(b, 1.0) * config.multistep_gamma
     after = optax.piecewise_constant_schedule(base, scales)
   if warmup == 0:

@@ -14,11 +14,12 @@ step rng is `fold_in(rng, step)`, and the checkpoint holds params, optimizer sta
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -29,8 +30,11 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
+from flax.training.dynamic_scale import DynamicScale
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from eesmm_jax import config as config_lib
 from eesmm_jax import convert, input_pipeline, objectives, optim, pictures
 from eesmm_jax.models import swin
 
@@ -43,6 +47,13 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array         # raw uint32[2] key; the step's key is fold_in(rng, step)
+  # fp16 only: the loss scale, and how many steps in a row it has had to skip.
+  dynamic_scale: Optional[DynamicScale] = None
+  skipped_in_a_row: jax.Array = 0
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients stopped being finite: the run stops, its last checkpoint kept."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,23 +111,119 @@ def optim_config(config: ml_collections.ConfigDict, encoder) -> ml_collections.C
 
 
 def make_train_step(loss_fn, tx, schedule, accum_steps: int):
-  """(state, images) -> (state, metrics); images are the global batch [n*B, H, W, C]."""
+  """(state, images) -> (state, metrics); images are the global batch [n*B, H, W, C].
+
+  A step whose loss or gradients are not finite leaves params and optimizer state untouched.
+  In fp16 that is the normal overflow handling of dynamic loss scaling (the scale halves); in
+  fp32/bf16 the host stops the run on `metrics['finite'] == 0`.
+  """
 
   def train_step(state: TrainState, images: jax.Array):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, images, rng, True), has_aux=True)(state.params)
+    loss_of = lambda p: loss_fn(p, images, rng, True)
+    if state.dynamic_scale is not None:
+      dynamic_scale, finite, (loss, aux), grads = state.dynamic_scale.value_and_grad(
+          loss_of, has_aux=True)(state.params)
+    else:
+      dynamic_scale = None
+      (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state.step // accum_steps))
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(optax.apply_updates(state.params, updates), state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    skipped = jnp.where(finite, 0, state.skipped_in_a_row + 1)
+
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
+                   finite=finite.astype(jnp.int32), skipped_in_a_row=skipped)
+    if dynamic_scale is not None:
+      metrics["loss_scale"] = dynamic_scale.scale
     for k in range(aux["loss_components"].shape[0]):
       metrics[f"loss_component_{k}"] = aux["loss_components"][k]
     if "loss_mix" in aux:
       metrics["loss_mix"] = aux["loss_mix"]
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          dynamic_scale=dynamic_scale, skipped_in_a_row=skipped)
+    return state, metrics
 
   return train_step
+
+
+def fsdp_spec(shape: tuple[int, ...], num_shards: int) -> P:
+  """Shard a tensor's largest dimension that divides evenly over `data`; replicate the rest
+  (biases, norms and small tables cost little and sharding them would only add collectives)."""
+  dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+  for d in dims:
+    if shape[d] % num_shards == 0 and shape[d] >= num_shards:
+      spec = [None] * len(shape)
+      spec[d] = "data"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(state_shapes, mesh, fsdp: bool):
+  """Replicated params and optimizer state, or FSDP: both sharded over the data axis."""
+  replicated = NamedSharding(mesh, P())
+  if not fsdp:
+    return jax.tree_util.tree_map(lambda _: replicated, state_shapes)
+  shard = lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.size) if x.ndim else P())
+  return state_shapes.replace(params=jax.tree_util.tree_map(shard, state_shapes.params),
+                              opt_state=jax.tree_util.tree_map(shard, state_shapes.opt_state),
+                              step=replicated, rng=replicated,
+                              dynamic_scale=jax.tree_util.tree_map(lambda _: replicated,
+                                                                   state_shapes.dynamic_scale),
+                              skipped_in_a_row=replicated)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{'params/encoder/norm/scale': shape} with one spelling for dict keys, attributes and
+  tuple indices, so a saved checkpoint's metadata and the state's shapes compare."""
+  def name(k):
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()) or ())
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_checkpoint_fits(metadata, state_shapes, where: str) -> None:
+  """Refuses a checkpoint of another model or shape before anything is loaded."""
+  saved, wanted = _leaf_shapes(metadata), _leaf_shapes(state_shapes)
+  for key, shape in wanted.items():
+    if key not in saved:
+      raise ValueError(f"the checkpoint {where} does not fit this config: it has no {key} "
+                       f"(the model expects shape {shape}); it was written by another model "
+                       f"or objective: use another --workdir, or the config that wrote it")
+    if saved[key] != shape:
+      raise ValueError(f"the checkpoint {where} does not fit this config: first mismatch at "
+                       f"{key}: checkpoint shape {saved[key]}, model expects {shape}")
+  extra = sorted(set(saved) - set(wanted))
+  if extra:
+    raise ValueError(f"the checkpoint {where} does not fit this config: it holds "
+                     f"{extra[:5]} that the model does not have")
+
+
+class Preemption:
+  """SIGTERM (or JAX's preemption notice on several processes) -> stop at a step boundary.
+
+  Several processes must stop at the same step, so there we use JAX's preemption sync point,
+  which agrees on the step through the distributed runtime; one process catches SIGTERM itself.
+  """
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self.multiprocess = jax.process_count() > 1
+    if not self.multiprocess and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+  def reached(self, step: int) -> bool:
+    if self.multiprocess:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested.is_set()
+
+  def close(self):
+    if hasattr(self, "previous"):
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def load_init_from(path: str, encoder_params: Any, encoder) -> Any:
@@ -184,17 +291,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   ends the run early, with a checkpoint, at that step, as an interrupted run would: the schedule
   still spans the whole run.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-
-  # --- Mesh.
+  # --- Mesh, and the config checked before anything compiles.
   mesh = make_mesh(devices)
   data_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
+  config_lib.validate(config, workdir, mesh.size)
+  workdir = os.path.abspath(workdir)
   n = config.objective.num_mix
-  if config.batch_size % (n * mesh.size):
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by num_mix x "
-                     f"devices = {n} x {mesh.size}, so every device blends whole groups")
 
   # --- Model and objective.
   model = create_pretrain_model(config)
@@ -216,22 +319,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   def init_state(rng):
     init_rng, state_rng = jax.random.split(rng)
     params = init_params(init_rng)
+    # fp16 has no headroom for Swin's activations and gradients: dynamic loss scaling.
+    scale = DynamicScale() if config.dtype == "float16" else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng)
+                      rng=state_rng, dynamic_scale=scale,
+                      skipped_in_a_row=jnp.zeros((), jnp.int32))
 
   state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
-  state_sharding = jax.tree_util.tree_map(lambda _: replicated, state_shapes)
+  state_sharding = state_shardings(state_shapes, mesh, config.fsdp)
 
   # --- Checkpoint restore, or init (optionally from a converted PyTorch encoder).
   manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
+      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=True))
   if manager.latest_step() is not None:
+    latest = manager.latest_step()
+    check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
+                          f"at step {latest} in {workdir}")
+    # Restoring onto this run's shardings also reshards a checkpoint saved on another number
+    # of devices, or with(out) FSDP.
     abstract = jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         state_shapes, state_sharding)
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     logging.info("resumed from %s at step %d", workdir, int(state.step))
   else:
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
@@ -254,23 +365,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                                     start_step=start)
   log = MetricsLog(workdir, steps, config.batch_size, mesh.size)
   log.start(start)
-  metrics = None
+  preemption = Preemption()
   picture_batch = None
   last = steps if stop_after is None else min(steps, stop_after)
-  for step in range(start + 1, last + 1):
-    images = global_batch_from_local(next(batches)["image"], data_sharding)
-    state, metrics = train_step(state, images)
-    if picture_batch is None:
-      # Fixed images for the reconstruction grids, so the pictures are comparable over time.
-      picture_batch = images[: min(n * 4, images.shape[0])]
-    if step % config.log_every == 0 or step == steps:
-      log.write(step, metrics)
-    if config.picture_every and (step % config.picture_every == 0 or step == steps):
-      aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
-      pictures.write_reconstructions(workdir, step, aux, log.writer)
-    if step % config.checkpoint_every == 0 or step == last:
-      manager.save(step, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
-  log.close()
+  step = start
+  try:
+    for step in range(start + 1, last + 1):
+      images = global_batch_from_local(next(batches)["image"], data_sharding)
+      state, metrics = train_step(state, images)
+      # One scalar back per step: a non-finite step must stop the run before it is saved.
+      if not int(metrics["finite"]) and state.dynamic_scale is None:
+        raise NonFiniteError(
+            f"step {step}: the loss or the gradients are not finite (loss "
+            f"{float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); stopping. "
+            f"The last good checkpoint (step {manager.latest_step()}) is kept in {workdir}. "
+            f"Try a lower optim.base_lr, or dtype 'float32'.")
+      if int(metrics["skipped_in_a_row"]) > config.max_skipped_steps:
+        raise NonFiniteError(
+            f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed "
+            f"(loss scale now {float(metrics['loss_scale']):g}): the loss itself is not "
+            f"finite, not just the fp16 range. The last good checkpoint (step "
+            f"{manager.latest_step()}) is kept; try dtype 'bfloat16' or 'float32', or a lower lr.")
+      if picture_batch is None:
+        # Fixed images for the reconstruction grids, so the pictures compare over time.
+        picture_batch = images[: min(n * 4, images.shape[0])]
+      if step % config.log_every == 0 or step == last:
+        log.write(step, metrics)
+      if config.picture_every and (step % config.picture_every == 0 or step == steps):
+        aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
+        pictures.write_reconstructions(workdir, step, aux, log.writer)
+      if preemption.reached(step):
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        print(f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; the same "
+              f"command resumes from it", flush=True)
+        break
+      if step % config.checkpoint_every == 0 or step == last:
+        manager.save(step, args=ocp.args.StandardSave(state))
+  finally:
+    # Saves already started finish (they are atomic: a half-written one is never restored).
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+    preemption.close()
   return state

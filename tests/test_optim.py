@@ -68,7 +68,8 @@ def swin_b_shapes():
   model = swin.SwinTransformer(img_size=192, window_size=6, embed_dim=128, depths=SWIN_B,
                                num_heads=(4, 8, 16, 32), ape=True, use_mask_token=True)
   x = jnp.zeros((1, 192, 192, 3))
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, mask=jnp.zeros((1, 48, 48))))["params"]
+  mask = jnp.zeros((1, 48, 48))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, mask=mask))["params"]
 
 
 def small_tree(seed):

@@ -152,6 +152,8 @@ class WindowAttention(nn.Module):
   proj_drop: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # jax.nn.dot_product_attention's `implementation`: None (XLA) or 'cudnn' (fused, GPU).
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, mask: Optional[np.ndarray] = None, deterministic: bool = True):
@@ -162,25 +164,28 @@ class WindowAttention(nn.Module):
                        ((2 * ws - 1) * (2 * ws - 1), self.num_heads), self.param_dtype)
     qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype,
                    param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
-    qkv = qkv.reshape(b_, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # [B_, heads, N, head_dim]
-    q = q * (head_dim ** -0.5)
-    attn = jnp.einsum("bhnd,bhmd->bhnm", q, k)
+    # [B_, N, heads, head_dim] is dot_product_attention's layout: no transpose of q, k, v.
+    qkv = qkv.reshape(b_, n, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
+    # One gather per block (not per window) of the [heads, N, N] bias, with a static index.
     # The bias and the -100 mask stay float32: in fp16 the logits plus mask must not overflow.
     bias = jnp.take(table.astype(jnp.float32), relative_position_index(ws).reshape(-1), axis=0)
-    bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
-    attn = attn.astype(jnp.float32) + bias[None]
+    bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)[None]  # [1, heads, N, N]
     if mask is not None:
+      # Windows are batch-major, so window w of every image shares mask[w].
       nw = mask.shape[0]
-      attn = attn.reshape(b_ // nw, nw, self.num_heads, n, n) + jnp.asarray(mask)[None, :, None]
-      attn = attn.reshape(b_, self.num_heads, n, n)
-    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
-
-    x = jnp.einsum("bhnm,bhmd->bnhd", attn, v).reshape(b_, n, c)
+      bias = jnp.broadcast_to(bias + jnp.asarray(mask)[:, None], (b_ // nw, nw) + bias.shape[1:])
+      bias = bias.reshape(b_, self.num_heads, n, n)
+    if self.attn_drop and not deterministic:
+      raise NotImplementedError("attn_drop > 0 in training: dropout on the attention weights is "
+                                "not supported by the fused attention")
+    # cuDNN's fused kernel takes a bias only for even N and 16-bit inputs (w 6 and 12, not 7).
+    impl = self.attention_impl if (n % 2 == 0 and self.dtype != jnp.float32) else None
+    x = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim ** -0.5,
+                                     implementation=impl)
     x = nn.Dense(c, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=trunc_normal)(x)
+                 kernel_init=trunc_normal)(x.reshape(b_, n, c))
     return nn.Dropout(self.proj_drop)(x, deterministic=deterministic)
 
 
@@ -197,6 +202,7 @@ class SwinTransformerBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -211,7 +217,8 @@ class SwinTransformerBlock(nn.Module):
     windows = window_partition(x, ws)
     mask = shifted_window_mask(h, w, ws, shift) if shift else None
     windows = WindowAttention(c, ws, self.num_heads, self.qkv_bias, self.attn_drop, self.drop,
-                              dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              attention_impl=self.attention_impl, name="attn")(
                                   windows, mask, deterministic)
     x = window_reverse(windows, ws, h, w)
     if shift:
@@ -258,6 +265,7 @@ class BasicLayer(nn.Module):
   downsample: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -267,7 +275,8 @@ class BasicLayer(nn.Module):
           shift_size=0 if j % 2 == 0 else self.window_size // 2,
           mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop,
           attn_drop=self.attn_drop, drop_path=self.drop_path[j], dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f"blocks_{j}")(x, deterministic)
+          param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+          name=f"blocks_{j}")(x, deterministic)
     if self.downsample:
       x = PatchMerging(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="downsample")(x)
@@ -325,6 +334,8 @@ class SwinTransformer(nn.Module):
   use_mask_token: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # 'cudnn': cuDNN's fused attention where it applies (Ampere+, 16-bit, even window area).
+  attention_impl: Optional[str] = None
 
   @property
   def num_features(self) -> int:
@@ -381,7 +392,7 @@ class SwinTransformer(nn.Module):
           mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop_rate,
           attn_drop=self.attn_drop_rate, drop_path=dpr[sum(self.depths[:i]):sum(self.depths[:i + 1])],
           downsample=i < len(self.depths) - 1, dtype=self.dtype, param_dtype=self.param_dtype,
-          name=f"layers_{i}")(x, deterministic)
+          attention_impl=self.attention_impl, name=f"layers_{i}")(x, deterministic)
     x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     if return_features:
       return x
