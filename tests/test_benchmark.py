@@ -1,0 +1,66 @@
+"""The timing tool end to end on the cpu-small preset, shrunk to a few cells that take seconds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from eesmm_jax import benchmark
+
+REQUIRED = ("method", "num_mix", "backbone", "img_size", "window_size", "batch_size",
+            "images_per_sec", "step_time_s", "flops_per_image", "peak_bytes", "peak_bytes_source",
+            "device", "compile_time_s", "device_hours_per_epoch", "mfu")
+
+
+def test_peak_table_matches_device_names():
+  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert benchmark.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert benchmark.peak_flops("Tesla V100-SXM2-32GB", "float16") == 125e12
+  assert benchmark.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert benchmark.peak_flops("cpu", "float32") is None
+
+
+def test_cpu_small_preset_writes_sane_tables(tmp_path):
+  out = tmp_path / "timing"
+  # A subprocess: timm must be imported before TensorFlow, which other tests may have loaded.
+  # conftest's 8 simulated CPU devices apply, so the batch is 16 (a multiple of n x devices).
+  cmd = [sys.executable, "-m", "eesmm_jax.benchmark", "--preset", "cpu-small", "--out", str(out),
+         "--sizes", "64/2", "--methods", "simmim,eesmm2", "--batch", "16", "--steps", "2",
+         "--warmup", "1", "--torch", "eager"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  cells = json.loads((out / "timing.json").read_text())
+  assert [(c["impl"], c["num_mix"]) for c in cells] == [
+      ("jax-xla", 1), ("jax-xla", 2), ("torch-eager", 1)]
+  for c in cells:
+    assert c["status"] == "ok", c["status"]
+    assert set(REQUIRED) <= set(c), set(REQUIRED) - set(c)
+    assert c["img_size"] == 64 and c["window_size"] == 2 and c["batch_size"] == 16
+    assert c["step_time_s"] > 0 and len(c["step_times_s"]) == 2
+    assert c["images_per_sec"] == pytest.approx(16 / c["step_time_s"])
+    assert c["images_per_sec_per_device"] == pytest.approx(c["images_per_sec"] / c["num_devices"])
+    assert c["device_hours_per_epoch"] == pytest.approx(
+        1_281_167 / c["images_per_sec_per_device"] / 3600)
+    assert c["mfu"] is None  # CPUs have no entry in the peak table
+    assert c["finite"]
+  simmim, eesmm, torch_row = cells
+  # XLA's FLOPs: a tiny Swin at 64 px is O(0.1) GFLOPs per image; n = 2 halves the encoder.
+  assert 1e7 < simmim["flops_per_image"] < 1e10
+  assert 0.45 < eesmm["flops_per_image"] / simmim["flops_per_image"] < 0.7
+  assert torch_row["flops_per_image"] == simmim["flops_per_image"]
+  for c in (simmim, eesmm):
+    assert c["peak_bytes"] > 0 and c["peak_bytes_source"].startswith("xla")
+  assert eesmm["speedup_vs_simmim"] == pytest.approx(
+      eesmm["images_per_sec"] / simmim["images_per_sec"])
+  assert simmim["ratio_vs_torch_eager_simmim"] > 0
+
+  table = (out / "timing.md").read_text()
+  assert "| swin_micro | 64/2 | EESMM n=2 | jax-xla |" in table
+  assert "paper GPU-h/ep" in table and "Units:" in table
+  with Image.open(out / "timing.png") as png:
+    assert png.size[0] > 100 and png.size[1] > 50
