@@ -34,7 +34,7 @@ def get_config():
   c.optim.warmup_lr = 1e-6
   c.optim.min_lr = 1e-5
   c.optim.warmup_epochs = 5
-  c.optim.epochs = 150
+  c.optim.epochs = 50
   c.log_every = 50
   c.picture_every = 500
   c.checkpoint_every = 500

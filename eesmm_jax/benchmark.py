@@ -180,8 +180,8 @@ def throughput_fields(batch: int, times: list[float], num_devices: int) -> dict:
 
 
 def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
-             steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None
-             ) -> dict:
+             steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
+             attention: Optional[str] = None) -> dict:
   """Compile and time the trainer's step (`train.make_train_step`, SimMIM's AdamW recipe)."""
   from eesmm_jax import train  # the trainer's own step, mesh and state
   from eesmm_jax.config import pretrain_config
@@ -201,7 +201,9 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     raise ValueError(f"batch {batch} must be a multiple of n x devices = {num_mix} x "
                      f"{mesh.size}")
   data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  model = train.create_pretrain_model(config)
+  encoder = train.create_encoder(config, num_classes=0, use_mask_token=True,
+                                 attention_impl=attention)
+  model = objectives.build_model(config.objective, encoder)
   loss_fn = objectives.build_objective(config.objective, model)
   side = img_size // model.encoder.patch_size
   init_params = lambda rng: model.init(
@@ -344,8 +346,10 @@ def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str
   gc.collect()
   if dev.type == "cuda":
     torch.cuda.empty_cache()
+  name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
   return dict(compile_time_s=compile_time, flops_per_image=None, peak_bytes=peak,
               peak_bytes_source=source, loss=loss, finite=math.isfinite(loss),
+              device=f"1 x {name}", device_kind=name, num_devices=1,
               **throughput_fields(batch, times, 1))
 
 
@@ -498,6 +502,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="'device' (one random batch kept on the device: no input pipeline) or a "
                       "dataset of input_pipeline (cifar10, imagenet2012, folder, synthetic)")
   p.add_argument("--data_dir", help="TFDS data_dir or image folder for --data")
+  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                 help="JAX attention: XLA, or cuDNN's fused kernel where it applies (GPU, "
+                      "Ampere+, 16-bit, even window area)")
   p.add_argument("--time_budget", type=float,
                  help="seconds; cells that would start after it are skipped (0 = no limit)")
   return p.parse_args(argv)
@@ -541,7 +548,7 @@ def run(argv=None) -> list[dict]:
   for backbone in grid["backbones"]:
     batch = grid["batch"][backbone] if isinstance(grid["batch"], dict) else grid["batch"]
     for img_size, window in grid["sizes"]:
-      jobs = [("jax", "jax-xla", n) for n in grid["methods"]]
+      jobs = [("jax", f"jax-{args.attention}", n) for n in grid["methods"]]
       jobs += [("torch", f"torch-{mode}", 1) for mode in grid["torch"]]
       for framework, impl, n in jobs:
         cell = dict(framework=framework, impl=impl, method=method_name(n), num_mix=n,
@@ -556,7 +563,8 @@ def run(argv=None) -> list[dict]:
           try:
             if framework == "jax":
               cell.update(jax_cell(backbone, img_size, window, n, batch, grid["dtype"],
-                                   grid["steps"], grid["warmup"], args.data, args.data_dir))
+                                   grid["steps"], grid["warmup"], args.data, args.data_dir,
+                                   None if args.attention == "xla" else args.attention))
             else:
               cell.update(torch_cell(backbone, img_size, window, batch, grid["dtype"],
                                      impl.split("-")[1], grid["steps"], grid["warmup"]))

@@ -47,6 +47,9 @@ def main(argv):
   del argv
   import time
 
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # the demo shows its progress line, not library logs
+
   from eesmm_jax import input_pipeline, train
   config = FLAGS.config
   workdir = os.path.abspath(FLAGS.workdir)

@@ -329,13 +329,15 @@ def make_finetune_dataset(data: ml_collections.ConfigDict, aug: ml_collections.C
   if "label" not in source.records.element_spec:
     raise ValueError(f"dataset {data.dataset!r} (split {data.split!r}) has no labels")
   records = source.records.cache() if data.cache else source.records
+  # Folder sources hold paths (cheap): shuffle each epoch fully.
+  buffer = source.shuffle_buffer or source.num_local
   # Salt 2: fine-tuning draws differ from pretraining's (salt 1) for the same seed.
   base = tf.random.experimental.stateless_fold_in([int(data.seed), 2], process_index)
 
   def epoch(e):
     epoch_seed = tf.random.experimental.stateless_fold_in(base, e)
     shuffle_seed = tf.random.stateless_uniform([], epoch_seed, None, None, tf.int64)
-    shuffled = records.shuffle(source.shuffle_buffer, seed=shuffle_seed,
+    shuffled = records.shuffle(buffer, seed=shuffle_seed,
                                reshuffle_each_iteration=False)
     return shuffled.enumerate().map(lambda i, ex: (
         tf.random.experimental.stateless_fold_in(epoch_seed, i), ex))

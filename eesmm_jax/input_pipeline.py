@@ -3,20 +3,31 @@
 The flax `examples/imagenet` recipe (TFDS with `SkipDecoding`, fused `decode_and_crop_jpeg`,
 per-process splits), reshaped so that the stream is a pure function of (seed, step):
 
-* The per-process stream is epoch after epoch of the process's examples. Epoch e is shuffled with
-  a seed derived from (seed, e), every example's augmentation is drawn from stateless random ops
-  seeded by (seed, process, e, index in epoch), and batches are cut from the concatenated stream.
-* Resuming at step k therefore only needs k: position p = k * local_batch, start at epoch
-  p // n_local and `skip(p % n_local)`. The skip runs on the undecoded records (file paths for
-  folders, encoded bytes for TFDS), before any decode or augmentation, so it costs at most part
-  of one epoch of reading and no image work; the checkpoint stores just the step.
+* Folders and 'synthetic' are random access: the run's examples form one global stream, epoch
+  after epoch, and global position i holds example `index_shuffle(i % N, seed(e))` of epoch
+  e = i // N, augmented with stateless random ops seeded by (seed, i). Step k's global batch is
+  positions [k * B, (k + 1) * B) and process p takes rows [p * b, (p + 1) * b) of it, b = B / P.
+  So the global batch of every step is the same on 1 process x 4 devices and on 2 x 2 (the
+  processes read disjoint parts of every epoch), and resuming at step k starts at position k * B
+  with nothing to skip.
+* TFDS is read as its record files allow: `split_for_jax_process` gives each process a disjoint
+  shard; epoch e of it is shuffled with a seed derived from (seed, process, e), every example's
+  augmentation is seeded by (seed, process, e, index in epoch), and batches are cut from the
+  concatenated stream. Resuming at step k: position p = k * local_batch, start at epoch
+  p // n_local and `skip(p % n_local)`; the skip runs on the encoded records, before any decode,
+  so it costs at most part of one epoch of reading. Files are shuffled once with `seed` (the same
+  order every epoch, since a re-shuffle per iteration could not be replayed from e alone); the
+  shuffle buffer and TFDS's own shuffling at preparation time mix across files. The order depends
+  on the number of processes.
   We did not use a checkpointable iterator (tf.train.Checkpoint): it stores the shuffle buffer in
   every checkpoint, once per process, and ties checkpoints to the tf.data graph.
-* TFDS file order: files are shuffled once with `seed` (the same order every epoch, since a
-  re-shuffle per iteration could not be replayed from e alone); the per-epoch shuffle buffer and
-  TFDS's own shuffling at preparation time mix across files. Folders get a full permutation of
-  their file list each epoch (paths are cheap to buffer).
 * Order is made deterministic (`options.deterministic`), so parallel decoding never reorders.
+
+Folders are checked once when listed (`list_folder`): zero-byte, truncated, corrupt and non-image
+files are logged by name and left out (`bad_images` returns them; the trainer writes their count
+to its metrics); the verdicts are kept in a manifest keyed by path, mtime and size, so a folder
+is read in full once. Grayscale, palette, CMYK, 16-bit and alpha images decode as RGB
+(`channels=3`).
 
 Augmentation (SimMIM `data_simmim.py`): RandomResizedCrop(img_size, scale (0.67, 1), ratio (3/4,
 4/3)) with torchvision's sampling (10 tries, then a centre crop clamped to the ratio range),
@@ -25,18 +36,27 @@ float32 NHWC.
 
 `create_eval_iterator` is the probe / evaluation input: one ordered pass, centre crops, padded
 batches with a 'mask', the same number of batches on every process.
+
+`python -m eesmm_jax.input_pipeline throughput ...` measures images/s per CPU core and
+`... resize ...` writes a pre-resized copy of a folder (docs/scale_out.md).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import io
 import math
 import os
+import re
 import shutil
+import time
 from typing import Iterator, Optional
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -61,7 +81,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.shuffle_buffer = 10_000     # encoded examples per process (TFDS); folders shuffle fully
   c.seed = 0
   c.num_parallel_calls = -1     # -1 = tf.data.AUTOTUNE
-  c.cache = False               # keep the encoded examples in memory after the first epoch
+  c.cache = False               # keep the encoded examples in memory (TFDS: after the first epoch;
+                                # folders: every file read once at the start, so small ones only)
   c.prefetch = -1               # batches; -1 = AUTOTUNE, 0 = none
   c.synthetic_examples = 1_281_167  # the 'epoch' of 'synthetic' (ImageNet-1k train size)
   c.eval_crop_pct = 0.875       # evaluation: resize to img_size / crop_pct, centre crop
@@ -198,13 +219,26 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
 
 
 def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int]], list[str]]:
-  """(sorted image paths, labels or None, class names) of a 'folder' dataset.
+  """(sorted readable image paths, labels or None, class names) of a 'folder' dataset.
 
   The root is data_dir/split when that directory exists, else data_dir. A root with
   sub-directories is the ImageFolder layout: one class per sub-directory (sorted names, label =
   index), images found recursively below each. A root without them is a plain folder of images,
-  unlabelled.
+  unlabelled. Files that do not decode are left out (see `bad_images`).
   """
+  paths, labels, classes, _ = _list_and_check_folder(data_dir, split)
+  return paths, labels, classes
+
+
+def bad_images(config: ml_collections.ConfigDict, split: Optional[str] = None
+               ) -> list[tuple[str, str]]:
+  """[(path, why)] of the files of a 'folder' dataset that are skipped; [] for other sources."""
+  if config.dataset != "folder":
+    return []
+  return _list_and_check_folder(config.data_dir, split or config.split)[3]
+
+
+def _list_and_check_folder(data_dir, split):
   if not data_dir:
     raise ValueError("dataset 'folder' needs config.data_dir: a folder of JPEG/PNG images, or "
                      "one in ImageFolder layout data_dir/<split>/<class>/<image>")
@@ -234,30 +268,131 @@ def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int
     labels = None
   if not paths:
     raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root!r}")
-  return paths, labels, classes
+  problems = check_images(root, paths)
+  bad = [(p, problems[p]) for p in paths if problems[p]]
+  if len(bad) == len(paths):
+    listing = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in bad[:5])
+    raise ValueError(f"no readable image in {root!r}: all {len(paths)} files fail to decode "
+                     f"({listing}{' ...' if len(bad) > 5 else ''})")
+  if labels is not None:
+    labels = [label for p, label in zip(paths, labels) if not problems[p]]
+  paths = [p for p in paths if not problems[p]]
+  return paths, labels, classes, bad
 
 
-def _folder_source(config, process_index, process_count, split=None, train=True) -> _Source:
+# A folder's verdicts, one line per file: mtime_ns, size, problem ('' = readable), relative path.
+IMAGE_CHECK_FILE = ".eesmm_image_check.tsv"
+_manifests: dict[str, dict[str, tuple[int, int, str]]] = {}  # read once per process
+_reported: set[str] = set()
+
+
+def image_problem(path: str) -> str:
+  """'' when tf.data can decode `path`, else why not (zero bytes, not an image, truncated, ...).
+
+  Reads the whole file: PNGs are CRC-checked (`verify`), JPEGs decoded at 1/8 scale (libjpeg's
+  DCT scaling, a fraction of a full decode), which still runs through all the entropy-coded data
+  and so finds truncation, as TF's decoder would.
+  """
+  from PIL import Image  # pillow is a dependency; imported where used, like the demo data
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read()
+  except tf.errors.OpError as e:
+    return f"cannot read the file ({e.message})"
+  if not data:
+    return "empty file (0 bytes)"
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      if image.format not in ("JPEG", "MPO", "PNG", "GIF", "BMP"):
+        return f"a {image.format} image: tf.data decodes JPEG, PNG, GIF and BMP"
+      image.verify()
+    with Image.open(io.BytesIO(data)) as image:
+      image.draft("RGB", (1, 1))
+      image.load()
+  except Exception as e:  # pylint: disable=broad-except -- PIL raises many types for bad data
+    return f"not a readable image ({type(e).__name__}: {e})"
+  return ""
+
+
+def _manifest_paths(root: str) -> list[str]:
+  """The manifest beside the images, or in the user's cache when the folder is read-only."""
+  digest = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                       "eesmm_jax", "image_check", f"{digest}.tsv")
+  return [os.path.join(root, IMAGE_CHECK_FILE), cache]
+
+
+def _read_manifest(path: str) -> dict[str, tuple[int, int, str]]:
+  if path not in _manifests:
+    entries = {}
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path, "r") as f:
+        for line in f:
+          mtime, size, problem, rel = line.rstrip("\n").split("\t", 3)
+          entries[rel] = (int(mtime), int(size), problem)
+    _manifests[path] = entries
+  return _manifests[path]
+
+
+def _write_manifest(candidates: list[str], entries: dict) -> None:
+  text = "".join(f"{m}\t{s}\t{p}\t{rel}\n" for rel, (m, s, p) in sorted(entries.items()))
+  for path in candidates:
+    tmp = f"{path}.tmp.{os.getpid()}"  # several processes may write the same verdicts at once
+    try:
+      tf.io.gfile.makedirs(os.path.dirname(path))
+      with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+      _manifests[path] = entries
+      return
+    except (OSError, tf.errors.OpError):
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)
+  logging.warning("could not write the image check manifest to any of %s: the folder will be "
+                  "checked again next time", candidates)
+
+
+def check_images(root: str, paths: list[str]) -> dict[str, str]:
+  """{path: problem ('' = readable)} for images below `root`; each file is decoded once, its
+  verdict kept in the manifest (keyed by mtime and size) and reused while the file is unchanged.
+  Every unreadable file is logged once per process, by name."""
+  candidates = _manifest_paths(root)
+  known = next((m for m in map(_read_manifest, candidates) if m), {})
+
+  def verdict(path):
+    rel = os.path.relpath(path, root)
+    st = tf.io.gfile.stat(path)
+    key = (int(st.mtime_nsec), int(st.length))
+    if rel in known and known[rel][:2] == key:
+      return rel, known[rel], False
+    problem = image_problem(path) if st.length else "empty file (0 bytes)"
+    return rel, key + (re.sub(r"\s+", " ", problem),), True
+
+  with concurrent.futures.ThreadPoolExecutor(min(32, 2 * (os.cpu_count() or 1))) as pool:
+    results = list(pool.map(verdict, paths))
+  entries = {rel: entry for rel, entry, _ in results}
+  checked = sum(new for *_, new in results)
+  if checked or entries.keys() != known.keys():
+    _write_manifest(candidates, entries)
+  problems = {p: entry[2] for p, (_, entry, _) in zip(paths, results)}
+  bad = [p for p in paths if problems[p]]
+  new_bad = [p for p in bad if p not in _reported]
+  for p in new_bad:
+    _reported.add(p)
+    logging.warning("skipping unreadable image %s: %s", p, problems[p])
+  if new_bad:
+    logging.warning("%d of %d files in %s are unreadable and skipped", len(bad), len(paths), root)
+  return problems
+
+
+def _folder_source(config, process_index, process_count, split=None) -> _Source:
+  """Evaluation: strided shards, so each process sees every class; every image is kept."""
   paths, labels, _ = list_folder(config.data_dir, split or config.split)
-  # Strided shards: each process sees every class. Training drops the remainder so every
-  # process has the same epoch; evaluation keeps every image.
-  n_local = len(paths) // process_count
-  if n_local == 0:
-    raise ValueError(f"{len(paths)} images in {config.data_dir!r} cannot be split over "
-                     f"{process_count} processes")
-  stop = process_index + n_local * process_count if train else None
-  sl = slice(process_index, stop, process_count)
-  n_local = len(paths[sl])
+  sl = slice(process_index, None, process_count)
   elements = {"path": paths[sl]}
   if labels is not None:
     elements["label"] = np.asarray(labels[sl], np.int32)
-  ds = tf.data.Dataset.from_tensor_slices(elements)
-  buffer = n_local  # a full permutation: paths are cheap to hold
-  if config.cache:  # read the bytes once, then buffer bytes instead of paths
-    ds = ds.map(lambda ex: {"raw": tf.io.read_file(ex["path"]),
-                            **{k: v for k, v in ex.items() if k != "path"}})
-    buffer = min(int(config.shuffle_buffer), n_local)  # same order as uncached if >= n_local
-  return _Source(ds, n_local, buffer)
+  return _Source(tf.data.Dataset.from_tensor_slices(elements), len(paths[sl]), 0)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -305,28 +440,62 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
   options.deterministic = True
 
   size, seed = int(config.img_size), int(config.seed)
-  if config.dataset == "synthetic":
-    # One batch per step, drawn from (seed, process, step): random access, so resuming is free.
-    base = tf.random.experimental.stateless_fold_in([seed, 0], process_index)
-
-    def synthetic(step):
-      s_img, s_lab = tf.unstack(tf.random.experimental.stateless_split(
-          tf.random.experimental.stateless_fold_in(base, step), 2))
-      return {"image": tf.random.stateless_normal([local_batch, size, size, 3], s_img),
-              "label": tf.random.stateless_uniform([local_batch], s_lab, 0, 1000, tf.int32)}
-
-    ds = tf.data.Dataset.range(start_step, _FOREVER).map(synthetic)
-    if config.prefetch:
-      ds = ds.prefetch(_autotune(config.prefetch))
-    return ds.with_options(options)
-
-  if config.dataset == "folder":
-    source = _folder_source(config, process_index, process_count)
-  else:
-    source = _tfds_source(config, process_index, process_count)
-  records = source.records.cache() if config.cache else source.records
-  base = tf.random.experimental.stateless_fold_in([seed, 1], process_index)
   scale, ratio = tuple(config.crop_scale), tuple(config.crop_ratio)
+  parallel = _autotune(config.num_parallel_calls)
+  if config.dataset in ("synthetic", "folder"):
+    # This process's rows of each global batch, as positions in the global stream.
+    first = process_index * local_batch
+    positions = tf.data.Dataset.range(start_step, _FOREVER).flat_map(
+        lambda k: tf.data.Dataset.range(k * global_batch + first,
+                                        k * global_batch + first + local_batch))
+    if config.dataset == "synthetic":
+      def example(i):
+        s_img, s_lab = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in([seed, 0], i), 2))
+        return {"image": tf.random.stateless_normal([size, size, 3], s_img),
+                "label": tf.random.stateless_uniform([], s_lab, 0, 1000, tf.int32)}
+    else:
+      example = _folder_examples(config, size, scale, ratio)
+    ds = positions.map(example, num_parallel_calls=parallel)
+  else:
+    ds = _tfds_stream(config, process_index, process_count, start_step * local_batch, size,
+                      scale, ratio, parallel)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if config.prefetch:
+    ds = ds.prefetch(_autotune(config.prefetch))
+  return ds.with_options(options)
+
+
+def _folder_examples(config, size, scale, ratio):
+  """Global stream position -> augmented example of a folder (the module docstring's order)."""
+  paths, labels, _ = list_folder(config.data_dir, config.split)
+  n = len(paths)
+  table = tf.constant(paths)
+  if config.cache:  # every file read once, in parallel; the bytes stay in memory
+    table = tf.data.Dataset.from_tensor_slices(table).map(
+        tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE).batch(n).get_single_element()
+  label_table = None if labels is None else tf.constant(labels, tf.int32)
+  shuffle_base = tf.random.experimental.stateless_fold_in([int(config.seed), 1], 0)
+  augment_base = tf.random.experimental.stateless_fold_in([int(config.seed), 1], 1)
+
+  def example(i):
+    epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_base, i // n)
+    k = tf.random.experimental.index_shuffle(i % n, epoch_seed, tf.constant(n - 1, tf.int64))
+    raw = table[k] if config.cache else tf.io.read_file(table[k])
+    seed = tf.random.experimental.stateless_fold_in(augment_base, i)
+    out = {"image": augment(raw, seed, size, scale, ratio)}
+    if label_table is not None:
+      out["label"] = label_table[k]
+    return out
+
+  return example
+
+
+def _tfds_stream(config, process_index, process_count, position, size, scale, ratio, parallel):
+  """This process's augmented examples of a TFDS dataset, from local stream `position` on."""
+  source = _tfds_source(config, process_index, process_count)
+  records = source.records.cache() if config.cache else source.records
+  base = tf.random.experimental.stateless_fold_in([int(config.seed), 1], process_index)
 
   def epoch(e):
     epoch_seed = tf.random.experimental.stateless_fold_in(base, e)
@@ -337,20 +506,14 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
         tf.random.experimental.stateless_fold_in(epoch_seed, i), ex))
 
   def load(example_seed, ex):
-    raw = tf.io.read_file(ex["path"]) if "path" in ex else ex["raw"]
-    out = {"image": augment(raw, example_seed, size, scale, ratio)}
+    out = {"image": augment(ex["raw"], example_seed, size, scale, ratio)}
     if "label" in ex:
       out["label"] = ex["label"]
     return out
 
-  position = start_step * local_batch
   ds = tf.data.Dataset.range(position // source.num_local, _FOREVER).flat_map(epoch)
   ds = ds.skip(position % source.num_local)
-  ds = ds.map(load, num_parallel_calls=_autotune(config.num_parallel_calls))
-  ds = ds.batch(local_batch, drop_remainder=True)
-  if config.prefetch:
-    ds = ds.prefetch(_autotune(config.prefetch))
-  return ds.with_options(options)
+  return ds.map(load, num_parallel_calls=parallel)
 
 
 def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: int,
@@ -399,7 +562,7 @@ def create_eval_iterator(config: ml_collections.ConfigDict, global_batch: int,
   _hide_accelerators_from_tf()
   split = split or config.split
   if config.dataset == "folder":
-    source = _folder_source(config, process_index, process_count, split, train=False)
+    source = _folder_source(config, process_index, process_count, split)
   else:
     source = _tfds_source(config, process_index, process_count, split, train=False)
   # The largest process's share sets the number of batches of all.
@@ -473,3 +636,104 @@ def write_digits_folder(root: str, size: int = 32) -> str:
     os.rmdir(root)
   os.rename(tmp, root)
   return root
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def write_resized_folder(data_dir: str, out_dir: str, split: str = "train",
+                         shorter_side: int = 288, quality: int = 90) -> str:
+  """A copy of a folder's readable images with the shorter side at most `shorter_side`, as JPEG.
+
+  RandomResizedCrop at scale >= 0.67 never needs more than ~0.7 of the shorter side, so 288 px
+  (1.5 x 192) keeps the 192 px views' detail while the decoder reads about a third of ImageNet's
+  average pixels. Same layout (out_dir/split/<class>/...), so `data_dir=out_dir` trains on it.
+  """
+  from PIL import Image
+  paths, _, _ = list_folder(data_dir, split)
+  root = os.path.join(data_dir, split) if tf.io.gfile.isdir(os.path.join(data_dir, split)) \
+      else data_dir
+
+  def convert(path):
+    dst = os.path.splitext(os.path.join(out_dir, split, os.path.relpath(path, root)))[0] + ".jpg"
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
+      image.draft("RGB", (shorter_side, shorter_side))  # JPEG: decode at a reduced scale
+      image = image.convert("RGB")
+      factor = shorter_side / min(image.size)
+      if factor < 1:
+        image = image.resize((max(1, round(image.width * factor)),
+                              max(1, round(image.height * factor))), Image.BICUBIC)
+      image.save(dst, "JPEG", quality=quality)
+
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    list(pool.map(convert, paths))
+  return out_dir
+
+
+def measure_throughput(config: ml_collections.ConfigDict, cores: int, batch: int = 64,
+                       seconds: float = 20.0, warmup_batches: int = 3) -> float:
+  """Images/s of the pretraining pipeline (read, decode the crop, resize, flip, normalise) with
+  tf.data limited to `cores` threads; run it under `taskset` with as many cores to be exact."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.num_parallel_calls = cores
+  ds = make_pretrain_dataset(config, batch, process_index=0, process_count=1)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = cores
+  options.threading.max_intra_op_parallelism = 1
+  it = iter(ds.with_options(options))
+  for _ in range(warmup_batches):
+    next(it)
+  start, images = time.perf_counter(), 0
+  while time.perf_counter() - start < seconds:
+    images += int(next(it)["image"].shape[0])
+  return images / (time.perf_counter() - start)
+
+
+def _write_photo_folder(root: str, count: int) -> None:
+  """ImageNet-like JPEGs (500x375, 375x500, 500x333; quality 90) cut from scikit-learn's two
+  sample photographs, for measuring decode cost without ImageNet."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  photos = [Image.fromarray(p) for p in load_sample_images().images]
+  rng = np.random.default_rng(0)
+  os.makedirs(root, exist_ok=True)
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    w, h = [(500, 375), (375, 500), (500, 333)][i % 3]
+    s = rng.uniform(0.6, 1.0)
+    cw, ch = int(photo.width * s), int(photo.height * s)
+    x, y = rng.integers(0, photo.width - cw + 1), rng.integers(0, photo.height - ch + 1)
+    photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(
+        os.path.join(root, f"{i:05d}.jpg"), "JPEG", quality=90)
+
+
+if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(description="Input pipeline tools (docs/scale_out.md).")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("throughput", help="images/s of the pretraining pipeline on N cores")
+  p.add_argument("--data_dir", required=True, help="an image folder ('folder' dataset)")
+  p.add_argument("--make_sample", type=int, default=0,
+                 help="first write this many ImageNet-like JPEGs into --data_dir")
+  p.add_argument("--img_size", type=int, default=192)
+  p.add_argument("--cores", default="1", help="comma-separated thread counts to measure")
+  p.add_argument("--seconds", type=float, default=20.0)
+  p.add_argument("--cache", action="store_true", help="hold the encoded files in memory")
+  p = sub.add_parser("resize", help="write a pre-resized JPEG copy of a folder")
+  p.add_argument("--data_dir", required=True)
+  p.add_argument("--out_dir", required=True)
+  p.add_argument("--split", default="train")
+  p.add_argument("--shorter_side", type=int, default=288)
+  args = parser.parse_args()
+  if args.command == "resize":
+    print(write_resized_folder(args.data_dir, args.out_dir, args.split, args.shorter_side))
+  else:
+    if args.make_sample and not tf.io.gfile.exists(args.data_dir):
+      _write_photo_folder(args.data_dir, args.make_sample)
+    c = default_data_config()
+    c.update(dataset="folder", data_dir=args.data_dir, img_size=args.img_size, cache=args.cache)
+    for n in map(int, args.cores.split(",")):
+      rate = measure_throughput(c, n, seconds=args.seconds)
+      print(f"{n} core(s): {rate:8.1f} images/s  ({rate / n:7.1f} per core)  img_size "
+            f"{args.img_size}, {args.data_dir}", flush=True)

@@ -1,5 +1,7 @@
 """Command line: `python -m eesmm_jax.main --config configs/<file>.py[:arg] --workdir DIR
 [--config.<key>=<value> ...]`. The config is locked, so a misspelt key is an error.
+`config.mode` picks the run: pretraining (no `mode` key, or 'pretrain'), or 'finetune', 'eval'
+or 'probe' (eesmm_jax/finetune.py).
 
 Several processes (SLURM, a TPU pod, or `launch/local_multiprocess.sh`) are detected from the
 environment and joined with `jax.distributed.initialize()` before JAX touches a device.
@@ -45,8 +47,13 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  from eesmm_jax import train
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  mode = FLAGS.config.get("mode", "pretrain")
+  if mode == "pretrain":
+    from eesmm_jax import train
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:  # 'finetune', 'eval', 'probe' (configs/finetune_*.py, configs/linear_probe_*.py)
+    from eesmm_jax import finetune
+    finetune.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

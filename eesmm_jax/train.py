@@ -248,8 +248,9 @@ class MetricsLog:
 
   def __init__(self, workdir: str, total: int, global_batch: int, num_devices: int):
     self.lead = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        os.path.join(workdir, "tensorboard"), just_logging=not self.lead, asynchronous=False)
+    # TensorBoard only: the console line below is the human-readable log.
+    self.writer = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                   if self.lead else metric_writers.MultiWriter([]))
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.lead else None
     self.total, self.global_batch, self.num_devices = total, global_batch, num_devices
     self.last_step, self.last_time = None, None
@@ -363,6 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # --- Loop.
   batches = input_pipeline.create_pretrain_iterator(config.data, config.batch_size,
                                                     start_step=start)
+  # Unreadable files a folder source skips (logged by name when it was listed).
+  num_bad_images = len(input_pipeline.bad_images(config.data))
   log = MetricsLog(workdir, steps, config.batch_size, mesh.size)
   log.start(start)
   preemption = Preemption()
@@ -390,7 +393,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(n * 4, images.shape[0])]
       if step % config.log_every == 0 or step == last:
-        log.write(step, metrics)
+        log.write(step, {**metrics, "bad_images": num_bad_images})
+      if step == start + 1:
+        # Throughput is measured from here on: the first step includes compilation.
+        jax.block_until_ready(metrics)
+        if log.lead:
+          print(f"compiled and ran step {step} in {time.perf_counter() - log.last_time:.1f} s",
+                flush=True)
+        log.start(step)  # a first logged row includes it
       if config.picture_every and (step % config.picture_every == 0 or step == steps):
         aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
         pictures.write_reconstructions(workdir, step, aux, log.writer)

@@ -21,3 +21,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
 timeout --signal=INT 450 python -m eesmm_jax.benchmark --preset gpu --out "$out" \
   --time_budget 380 2>&1 | tee "$out/log.txt"
 echo "wrote $out/timing.{json,md,png} (exit ${PIPESTATUS[0]})"
+# Item 3 on GPU (a separate ~4 min run): cuDNN fused attention vs the table above, Swin-B 192/6
+# (window area 36 is even; 224/7's 49 stays on XLA):
+#   python -m eesmm_jax.benchmark --preset gpu --backbones swin_base --sizes 192/6 \
+#     --torch none --attention cudnn --out "$out/cudnn"

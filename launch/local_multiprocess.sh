@@ -25,7 +25,7 @@ port=${JAX_COORDINATOR_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket();
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT INT TERM  # kills what is still running
 
 for ((i = 0; i < nprocs; i++)); do
   JAX_PLATFORMS=cpu \
@@ -37,15 +37,13 @@ done
 
 # Wait for all; the first failure stops the rest (they would wait forever at a collective).
 status=0
-remaining=${#pids[@]}
-while ((remaining > 0)); do
-  if wait -n "${pids[@]}"; then
-    remaining=$((remaining - 1))
-  else
-    status=$?
-    echo "$0: a process exited with status $status; stopping the others" >&2
+while ((${#pids[@]} > 0)); do
+  wait -n -p done_pid "${pids[@]}" || status=$?
+  pids=("${pids[@]/$done_pid}")
+  pids=(${pids[@]})
+  if ((status != 0)); then
+    echo "$0: process with pid $done_pid exited with status $status; stopping the others" >&2
     break
   fi
 done
-if ((status == 0)); then trap - EXIT; fi
 exit $status

@@ -11,3 +11,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# torchvision (which timm imports) crashes the interpreter when TensorFlow was loaded first, so
+# the PyTorch reference is loaded before any test module pulls TensorFlow in.
+try:
+  import timm  # noqa: F401
+except ImportError:  # the parity tests then fail on their own import, loudly
+  pass

@@ -164,6 +164,21 @@ def test_folder_split_per_process_is_disjoint(image_folder):
   assert set(seen[0]) | set(seen[1]) == set(range(12))
 
 
+@pytest.mark.parametrize("dataset", ["folder", "synthetic"])
+def test_global_batch_does_not_depend_on_process_count(dataset, image_folder):
+  """Process p's rows are rows [p*b, (p+1)*b) of the 1-process batch, at every step and on
+  resume: 2 processes x 2 devices train on what 1 x 4 does."""
+  c = cfg(dataset=dataset, data_dir=image_folder)
+  one = take(c, 8, 3)  # 24 positions over 12 images: crosses epoch boundaries
+  for count in (2, 4):
+    per = [take(c, 8, 3, process_index=p, process_count=count) for p in range(count)]
+    for k in range(3):
+      for key in one[k]:
+        np.testing.assert_array_equal(np.concatenate([b[k][key] for b in per]), one[k][key])
+  (resumed,) = take(c, 8, 1, start_step=2, process_index=1, process_count=2)
+  np.testing.assert_array_equal(resumed["image"], one[2]["image"][4:])
+
+
 def test_folder_errors(tmp_path):
   with pytest.raises(ValueError, match="needs config.data_dir"):
     take(cfg(dataset="folder"), 2, 1)

@@ -1,0 +1,469 @@
+"""Fine-tuning, evaluation and linear probing of a pretrained Swin encoder, read top to bottom.
+
+Three modes of the same command line (`config.mode`, see `finetune_config`):
+
+* 'finetune': SimMIM's fine-tuning recipe (Sec. 4.1.2 of the EESMM paper): the pretrained encoder
+  (ours, or a converted PyTorch SimMIM / Swin checkpoint) without the decoder, average pooling
+  and a linear head; AdamW with layer-wise lr decay, warm-up plus cosine; drop path; RandAugment
+  and random erasing in tf.data (`finetune_input`), mixup / cutmix / label smoothing on device
+  (`augment`). A change of image or window size (192 / window 6 -> 224 / window 7) resizes the
+  relative position bias tables bicubically (`convert`). Resumes from `workdir` like pretraining.
+* 'eval': top-1 / top-5 of a classifier (`init_from`: a fine-tuning workdir, a .pth with a head,
+  or a convert directory) on `data.eval_split`.
+* 'probe': linear probe of a frozen encoder's pooled features (`probe.py`).
+
+The pieces of the pretraining trainer are reused: mesh, global batches, state, shardings,
+checkpoint checks, the jitted step (with the fp16 loss scale and the non-finite stop), metrics
+and preemption. Evaluation counts every real example once: the eval input pads the last batches
+of every process and marks padding in 'mask', and the step sums masked counts over the global
+batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax.training.dynamic_scale import DynamicScale
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from eesmm_jax import augment, convert, finetune_input, input_pipeline, optim, probe, train
+from eesmm_jax.models import swin
+
+MODES = ("finetune", "eval", "probe")
+_NO_CHECKPOINT = "no checkpoint"
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """Every key the fine-tune / eval / probe modes read, with SimMIM's Swin-B 224 fine-tuning
+  defaults (microsoft/SimMIM simmim_finetune__swin_base__img224_window7__100ep)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "finetune"           # 'finetune' | 'eval' | 'probe'
+  c.seed = 0
+  c.img_size = 224
+  c.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16' | 'float16'
+  c.batch_size = 2048           # images per step over all processes (SimMIM: 128 x 16 GPUs)
+  c.eval_batch_size = 1024      # padded: any dataset size works
+  c.total_steps = ml_collections.config_dict.placeholder(int)  # None = optim.epochs
+  c.log_every = 50
+  c.eval_every = 0              # steps; 0 = evaluate at the end only
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.fsdp = False
+  c.max_skipped_steps = 20
+  # Weights to start from (finetune, probe) or to evaluate (eval): a PyTorch .pth (official,
+  # timm or SimMIM layout), a pretraining or fine-tuning workdir (its latest checkpoint), or a
+  # directory written by `python -m eesmm_jax.convert to-flax`. None = random init.
+  c.init_from = ml_collections.config_dict.placeholder(str)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "swin_base"
+  c.model.img_size = c.get_ref("img_size")
+  c.model.window_size = 7
+  c.model.patch_size = 4
+  c.model.drop_path_rate = 0.1     # SimMIM Swin-B 100 ep; the paper: B 0.2 / L 0.3 (800 ep)
+  c.model.num_classes = ml_collections.config_dict.placeholder(int)  # None = the dataset's
+  c.model.embed_dim = ml_collections.config_dict.placeholder(int)
+  c.model.depths = ml_collections.config_dict.placeholder(tuple)
+  c.model.num_heads = ml_collections.config_dict.placeholder(tuple)
+
+  c.data = finetune_input.finetune_data_config()
+  c.data.img_size = c.get_ref("img_size")
+  c.data.seed = c.get_ref("seed")
+
+  c.aug = augment.default_aug_config()
+
+  c.optim = optim.default_optim_config()
+  c.optim.base_lr = 1.25e-3     # all three scaled by batch / 512
+  c.optim.warmup_lr = 2.5e-7
+  c.optim.min_lr = 2.5e-7
+  c.optim.eps = 1e-8
+  c.optim.layer_decay = 0.9     # 0.8 for 800-epoch pretrained models
+  c.optim.warmup_epochs = 20
+  c.optim.epochs = 100
+
+  c.probe = ml_collections.ConfigDict()
+  c.probe.steps = 500           # full-batch AdamW steps on standardised features
+  c.probe.learning_rate = 0.05
+  c.probe.weight_decay = 1e-3
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> int:
+  """Every check a run needs before it compiles or reads an image; -> the number of classes."""
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode={config.mode!r} is unknown; choose one of {MODES} (or "
+                     "'pretrain', with a pretraining config)")
+  if config.model.name not in swin.VARIANTS:
+    raise ValueError(f"config.model.name={config.model.name!r} is unknown; choose one of "
+                     f"{sorted(swin.VARIANTS)}")
+  input_pipeline.check_data_config(config.data)
+  classes = finetune_input.num_classes(config.data)
+  if config.model.num_classes is not None and config.model.num_classes != classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
+                     f"{config.data.dataset!r} has {classes} classes: set it to {classes} or "
+                     f"leave it None")
+  try:
+    encoder = train.create_encoder(config, num_classes=classes)
+  except ValueError as e:
+    raise ValueError(f"config.img_size / config.model: {e}") from None
+  if config.mode in ("eval", "probe") and not config.init_from:
+    raise ValueError(f"config.mode={config.mode!r} needs config.init_from: the checkpoint to "
+                     f"evaluate or probe")
+  if config.init_from and not os.path.exists(config.init_from):
+    raise ValueError(f"config.init_from={config.init_from!r} does not exist")
+  for key in ("batch_size", "eval_batch_size"):
+    if not isinstance(config[key], int) or config[key] < 1 or config[key] % num_devices:
+      raise ValueError(f"config.{key}={config[key]} must be a positive multiple of the "
+                       f"{num_devices} devices")
+  if config.mode == "finetune":
+    if config.batch_size % 2:
+      raise ValueError(f"config.batch_size={config.batch_size} must be even (mixup pairs each "
+                       "image with the reversed batch)")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+      if config[key] < 1:
+        raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+    if config.eval_every < 0:
+      raise ValueError(f"config.eval_every must be >= 0 (0 = at the end), got "
+                       f"{config.eval_every}")
+    if config.total_steps is not None and config.total_steps < 1:
+      raise ValueError(f"config.total_steps must be None (use optim.epochs) or >= 1")
+    augment.check_aug_config(config.aug)
+    optim.make_schedule(train.optim_config(config, encoder), config.batch_size,
+                        train.steps_per_epoch(config))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror})") from None
+  return classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights to start from.
+
+
+def _latest_params(directory: str) -> Any:
+  """The params of the latest checkpoint under `directory`/checkpoints, as numpy; a pretraining
+  checkpoint's encoder (its decoder left out)."""
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints")) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise ValueError(f"{directory!r} holds {_NO_CHECKPOINT} (no checkpoints/<step>)")
+    params = mngr.restore(step)["params"]
+  params = params.get("encoder", params)
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def _fit(flat: dict, model: swin.SwinTransformer, where: str) -> tuple[dict, bool]:
+  """Flax params (flattened) -> params for `model`, head kept only if it fits.
+
+  Bias tables and absolute position embeddings of another size are resized bicubically;
+  `mask_token` is dropped; a head of another number of classes is dropped (a fresh one is made).
+  Returns (params, head_loaded).
+  """
+  expected = convert._flatten(convert.param_shapes(model))
+  head_fits = all(p in flat and np.shape(flat[p]) == tuple(expected[p].shape)
+                  for p in expected if p[0] == "head")
+  out = {}
+  for path, spec in expected.items():
+    if path[0] == "head" and not head_fits:
+      continue
+    if path not in flat:
+      raise convert.ConversionError(
+          f"{where} does not fit the model: it has no {'/'.join(path)} (model: "
+          f"embed_dim={model.embed_dim}, depths={tuple(model.depths)})")
+    value = np.asarray(flat[path])
+    if value.shape != spec.shape and path[-1] == "relative_position_bias_table":
+      value = convert.resize_relative_position_bias_table(value, spec.shape[0])
+    elif value.shape != spec.shape and path[-1] == "absolute_pos_embed":
+      value = convert.resize_absolute_pos_embed(value, spec.shape[1])
+    if value.shape != spec.shape:
+      raise convert.ConversionError(f"{where}: {'/'.join(path)} has shape {value.shape}, the "
+                                    f"model expects {tuple(spec.shape)}")
+    out[path] = value.astype(spec.dtype)
+  return convert._unflatten(out), head_fits and any(p[0] == "head" for p in expected)
+
+
+def load_pretrained(path: str, model: swin.SwinTransformer) -> tuple[dict, bool]:
+  """Params for `model` from a .pth, a pretraining / fine-tuning workdir or a convert directory.
+
+  -> (params, head_loaded); without a fitting head, params lack 'head'.
+  """
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "model.json")):
+      params, _ = convert.load_flax(path)
+    else:
+      params = _latest_params(path)
+    return _fit(convert._flatten(params), model, f"init_from {path!r}")
+  import torch  # the `torch` extra
+  state, _ = convert.unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+  # A head is kept only if it has this model's classes; the mask token is pretraining's.
+  head = state.get("head.weight", state.get("head.fc.weight"))
+  keep_head = model.num_classes and head is not None and head.shape[0] == model.num_classes
+  state = {k: v for k, v in state.items()
+           if k != "mask_token" and (keep_head or not k.startswith("head."))}
+  params = convert.torch_to_flax(state, model if keep_head else model.clone(num_classes=0))
+  return params, bool(keep_head)
+
+
+def create_classifier(config, num_classes: int, **overrides) -> swin.SwinTransformer:
+  return train.create_encoder(config, num_classes=num_classes, **overrides)
+
+
+def initial_params(config, model: swin.SwinTransformer, rng: jax.Array,
+                   need_head: bool = False) -> dict:
+  """Random init, overwritten by `config.init_from` where given (head: only if it fits)."""
+  x = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+  params = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(rng, x)["params"])
+  if not config.init_from:
+    return params
+  loaded, head_loaded = load_pretrained(config.init_from, model)
+  if need_head and not head_loaded:
+    raise ValueError(f"config.init_from={config.init_from!r} has no classifier head with "
+                     f"{model.num_classes} classes: 'eval' needs a fine-tuned model")
+  if not head_loaded and model.num_classes:
+    logging.info("init_from %s: no head for %d classes, a fresh one is trained",
+                 config.init_from, model.num_classes)
+  return {**params, **loaded}
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_loss_fn(model: swin.SwinTransformer, num_classes: int, aug: ml_collections.ConfigDict):
+  """loss_fn(params, batch, rng, train) for `train.make_train_step`: mixup / cutmix and label
+  smoothing on device, soft-target cross-entropy, drop path."""
+
+  def loss_fn(params, batch, rng, train: bool):
+    mix_rng, dropout_rng = jax.random.split(rng)
+    images, targets = augment.mix_batch(mix_rng, batch["image"], batch["label"], num_classes, aug)
+    logits = model.apply({"params": params}, images, train=train, rngs={"dropout": dropout_rng})
+    loss = augment.soft_cross_entropy(logits, targets).mean()
+    return loss, {"loss_components": jnp.zeros((0,))}
+
+  return loss_fn
+
+
+def make_eval_step(model: swin.SwinTransformer):
+  """(params, batch) -> sums over the real (mask) examples of the global batch."""
+
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
+    labels, real = batch["label"], batch["mask"]
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit1 = jnp.argmax(logits, -1) == labels
+    hit5 = jnp.any(top5 == labels[:, None], axis=-1)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    count = lambda hits: jnp.sum(hits & real, dtype=jnp.int32)
+    return dict(correct_top1=count(hit1), correct_top5=count(hit5), count=count(real),
+                loss_sum=jnp.sum(jnp.where(real, loss, 0.0)))
+
+  return eval_step
+
+
+def evaluate(eval_step, params, batches, data_sharding: NamedSharding) -> dict:
+  """Top-1, top-5 and mean loss over every real example of `batches` (this process's padded
+  eval batches; several processes each feed their own)."""
+  totals = None
+  for local in batches:
+    batch = {k: train.global_batch_from_local(local[k], data_sharding)
+             for k in ("image", "label", "mask")}
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("the evaluation split is empty")
+  totals = jax.device_get(totals)
+  n = int(totals["count"])
+  return dict(top1=int(totals["correct_top1"]) / n, top5=int(totals["correct_top5"]) / n,
+              loss=float(totals["loss_sum"]) / n, count=n)
+
+
+def _eval_batches(config):
+  return input_pipeline.create_eval_iterator(config.data, config.eval_batch_size,
+                                             split=config.data.eval_split)
+
+
+def _write_json(workdir: str, name: str, row: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), "w") as f:
+      json.dump(row, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The modes.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
+        stop_after: Optional[int] = None):
+  """The command line's entry for `config.mode` in MODES."""
+  if config.get("mode") not in MODES:
+    raise ValueError(f"config.mode={config.get('mode')!r} is unknown; choose one of {MODES}")
+  mesh = train.make_mesh(devices)
+  workdir = os.path.abspath(workdir)
+  num_classes = validate(config, workdir, mesh.size)
+  if config.mode == "eval":
+    return evaluate_checkpoint(config, workdir, mesh, num_classes)
+  if config.mode == "probe":
+    return linear_probe(config, workdir, num_classes)
+  return finetune(config, workdir, mesh, num_classes, stop_after)
+
+
+def evaluate_checkpoint(config, workdir: str, mesh, num_classes: int) -> dict:
+  """'eval': top-1 / top-5 of init_from on data.eval_split -> <workdir>/eval.json."""
+  model = create_classifier(config, num_classes)
+  params = initial_params(config, model, jax.random.PRNGKey(config.seed), need_head=True)
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  result = evaluate(jax.jit(make_eval_step(model)), params, _eval_batches(config),
+                    NamedSharding(mesh, P("data")))
+  result["init_from"] = config.init_from
+  _write_json(workdir, "eval.json", result)
+  print(f"eval {config.data.dataset}/{config.data.eval_split}: top-1 {result['top1']:.2%}  "
+        f"top-5 {result['top5']:.2%}  ({result['count']} images)", flush=True)
+  return result
+
+
+def linear_probe(config, workdir: str, num_classes: int) -> dict:
+  """'probe': frozen encoder, centre-crop pooled features of data.split and data.eval_split,
+  a linear classifier -> <workdir>/probe.json."""
+  if jax.process_count() > 1:
+    raise ValueError("config.mode='probe' runs on one process (features are gathered in host "
+                     "memory); launch it without several processes")
+  encoder = create_classifier(config, 0)
+  params = initial_params(config, encoder, jax.random.PRNGKey(config.seed))
+
+  def features(split):
+    batches = input_pipeline.create_eval_iterator(config.data, config.eval_batch_size,
+                                                  split=split)
+    return probe.extract_features(encoder, params, batches)
+
+  train_xy, test_xy = features(config.data.split), features(config.data.eval_split)
+  predict, train_accuracy = probe.fit_linear_classifier(
+      *train_xy, num_classes, steps=config.probe.steps,
+      learning_rate=config.probe.learning_rate, weight_decay=config.probe.weight_decay)
+  result = dict(top1=float((predict(test_xy[0]) == test_xy[1]).mean()),
+                train_top1=train_accuracy, count=int(len(test_xy[1])),
+                init_from=config.init_from)
+  _write_json(workdir, "probe.json", result)
+  print(f"linear probe {config.data.dataset}/{config.data.eval_split}: top-1 "
+        f"{result['top1']:.2%} (train {train_accuracy:.2%}, {result['count']} test images)",
+        flush=True)
+  return result
+
+
+def finetune(config, workdir: str, mesh, num_classes: int,
+             stop_after: Optional[int] = None) -> train.TrainState:
+  """'finetune': trains as `config` says, resuming from `workdir` if it holds a checkpoint."""
+  data_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+
+  # --- Model, loss and optimizer.
+  model = create_classifier(config, num_classes)
+  loss_fn = make_loss_fn(model, num_classes, config.aug)
+  steps = train.total_steps(config)
+  ocfg = train.optim_config(config, model)
+  param_shapes = convert.param_shapes(model)
+  tx, schedule = optim.make_optimizer(ocfg, param_shapes, config.batch_size,
+                                      train.steps_per_epoch(config))
+
+  # --- State shapes and shardings.
+  def init_state(params, rng):
+    scale = DynamicScale() if config.dtype == "float16" else None
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params), rng=rng, dynamic_scale=scale,
+                            skipped_in_a_row=jnp.zeros((), jnp.int32))
+
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  state_shapes = jax.eval_shape(init_state, param_shapes, state_rng)
+  state_sharding = train.state_shardings(state_shapes, mesh, config.fsdp)
+
+  # --- Checkpoint restore, or init from the pretrained encoder.
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True))
+  latest = manager.latest_step()
+  if latest is not None:
+    train.check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
+                                f"at step {latest} in {workdir}")
+    abstract = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        state_shapes, state_sharding)
+    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    logging.info("resumed from %s at step %d", workdir, int(state.step))
+  else:
+    params = jax.device_put(initial_params(config, model, init_rng), state_sharding.params)
+    state = jax.jit(init_state, out_shardings=state_sharding)(params, state_rng)
+  start = int(state.step)
+
+  # --- The steps.
+  train_step = jax.jit(train.make_train_step(loss_fn, tx, schedule, ocfg.accum_steps),
+                       in_shardings=(state_sharding, data_sharding),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model))
+
+  # --- Loop.
+  batches = finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
+                                                    start_step=start)
+  log = train.MetricsLog(workdir, steps, config.batch_size, mesh.size)
+  log.start(start)
+  preemption = train.Preemption()
+  last = steps if stop_after is None else min(steps, stop_after)
+
+  def run_eval(step):
+    result = evaluate(eval_step, state.params, _eval_batches(config), data_sharding)
+    row = {f"eval_{k}": v for k, v in result.items()}
+    log.writer.write_scalars(step, row)
+    if log.lead:
+      log.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+      log.jsonl.flush()
+      print(f"step {step:>7d}  eval top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
+            f"({result['count']} images)", flush=True)
+    return result
+
+  try:
+    for step in range(start + 1, last + 1):
+      local = next(batches)
+      batch = {k: train.global_batch_from_local(local[k], data_sharding)
+               for k in ("image", "label")}
+      state, metrics = train_step(state, batch)
+      if not int(metrics["finite"]) and state.dynamic_scale is None:
+        raise train.NonFiniteError(
+            f"step {step}: the loss or the gradients are not finite (loss "
+            f"{float(metrics['loss'])}); stopping. The last good checkpoint (step "
+            f"{manager.latest_step()}) is kept in {workdir}. Try a lower optim.base_lr.")
+      if int(metrics["skipped_in_a_row"]) > config.max_skipped_steps:
+        raise train.NonFiniteError(
+            f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed; "
+            f"the last good checkpoint (step {manager.latest_step()}) is kept.")
+      if step % config.log_every == 0 or step == last:
+        log.write(step, metrics)
+      if preemption.reached(step):
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        print(f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; the same "
+              f"command resumes from it", flush=True)
+        break
+      if step % config.checkpoint_every == 0 or step == last:
+        manager.save(step, args=ocp.args.StandardSave(state))
+      if (config.eval_every and step % config.eval_every == 0) or step == steps:
+        run_eval(step)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+    preemption.close()
+  return state
