@@ -209,7 +209,8 @@ def _tfds_source(config, process_index, process_count, split=None, train=True) -
 
 def check_data_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any compile, on a dataset that cannot be read: an unknown name, a
-  missing data_dir, an empty folder. Cheap: lists files, reads no image."""
+  missing data_dir, a folder without a readable image. Lists files; a folder's images are
+  decoded once, on its first listing (then their verdicts are read from its manifest)."""
   if config.dataset == "synthetic":
     return
   if config.dataset == "folder":

@@ -203,6 +203,13 @@ def check_checkpoint_fits(metadata, state_shapes, where: str) -> None:
                      f"{extra[:5]} that the model does not have")
 
 
+def last_good(manager) -> str:
+  step = manager.latest_step()
+  if step is None:
+    return "No checkpoint was saved yet."
+  return f"The last good checkpoint (step {step}) is kept in {manager.directory}."
+
+
 class Preemption:
   """SIGTERM (or JAX's preemption notice on several processes) -> stop at a step boundary.
 
@@ -381,14 +388,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         raise NonFiniteError(
             f"step {step}: the loss or the gradients are not finite (loss "
             f"{float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); stopping. "
-            f"The last good checkpoint (step {manager.latest_step()}) is kept in {workdir}. "
-            f"Try a lower optim.base_lr, or dtype 'float32'.")
+            f"{last_good(manager)} Try a lower optim.base_lr, or dtype 'float32'.")
       if int(metrics["skipped_in_a_row"]) > config.max_skipped_steps:
         raise NonFiniteError(
             f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed "
             f"(loss scale now {float(metrics['loss_scale']):g}): the loss itself is not "
-            f"finite, not just the fp16 range. The last good checkpoint (step "
-            f"{manager.latest_step()}) is kept; try dtype 'bfloat16' or 'float32', or a lower lr.")
+            f"finite, not just the fp16 range. {last_good(manager)} Try dtype 'bfloat16' or "
+            f"'float32', or a lower lr.")
       if picture_batch is None:
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(n * 4, images.shape[0])]

@@ -136,4 +136,5 @@ class MIMModel(nn.Module):
 
   def __call__(self, x, mask, *, train: bool = False):
     z = self.encoder(x, mask, train=train, return_features=True)
-    return self.decoder(z)
+    # The loss (and fp16's loss scaling) is computed in float32, whatever the compute dtype.
+    return self.decoder(z).astype(jnp.float32)

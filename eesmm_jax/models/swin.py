@@ -152,7 +152,8 @@ class WindowAttention(nn.Module):
   proj_drop: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  # jax.nn.dot_product_attention's `implementation`: None (XLA) or 'cudnn' (fused, GPU).
+  # None: attention as XLA einsums (any dtype, attention dropout); 'cudnn': cuDNN's fused kernel
+  # through jax.nn.dot_product_attention where it applies (GPU, 16-bit, even window area).
   attention_impl: Optional[str] = None
 
   @nn.compact
@@ -164,26 +165,33 @@ class WindowAttention(nn.Module):
                        ((2 * ws - 1) * (2 * ws - 1), self.num_heads), self.param_dtype)
     qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype,
                    param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
-    # [B_, N, heads, head_dim] is dot_product_attention's layout: no transpose of q, k, v.
+    # [B_, N, heads, head_dim]: both attention paths read q, k, v without a transpose.
     qkv = qkv.reshape(b_, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scale = head_dim ** -0.5
 
     # One gather per block (not per window) of the [heads, N, N] bias, with a static index.
     # The bias and the -100 mask stay float32: in fp16 the logits plus mask must not overflow.
     bias = jnp.take(table.astype(jnp.float32), relative_position_index(ws).reshape(-1), axis=0)
-    bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)[None]  # [1, heads, N, N]
-    if mask is not None:
-      # Windows are batch-major, so window w of every image shares mask[w].
-      nw = mask.shape[0]
-      bias = jnp.broadcast_to(bias + jnp.asarray(mask)[:, None], (b_ // nw, nw) + bias.shape[1:])
-      bias = bias.reshape(b_, self.num_heads, n, n)
-    if self.attn_drop and not deterministic:
-      raise NotImplementedError("attn_drop > 0 in training: dropout on the attention weights is "
-                                "not supported by the fused attention")
-    # cuDNN's fused kernel takes a bias only for even N and 16-bit inputs (w 6 and 12, not 7).
-    impl = self.attention_impl if (n % 2 == 0 and self.dtype != jnp.float32) else None
-    x = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim ** -0.5,
-                                     implementation=impl)
+    bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [heads, N, N]
+    # Windows are batch-major, so window w of every image shares mask[w]: [nW, heads, N, N].
+    bias = bias[None] if mask is None else bias[None] + jnp.asarray(mask)[:, None]
+    nw = bias.shape[0]
+
+    dropout = self.attn_drop > 0 and not deterministic
+    if self.attention_impl == "cudnn" and n % 2 == 0 and self.dtype != jnp.float32 \
+        and not dropout:
+      # cuDNN's fused kernel (Ampere+) takes a bias only for even N and 16-bit inputs
+      # (windows 6 and 12, not 7); it accumulates in float32 internally.
+      full = jnp.broadcast_to(bias, (b_ // nw,) + bias.shape).reshape(b_, self.num_heads, n, n)
+      x = jax.nn.dot_product_attention(q, k, v, bias=full.astype(q.dtype), scale=scale,
+                                       implementation="cudnn")
+    else:
+      attn = jnp.einsum("bnhd,bmhd->bhnm", q * scale, k).astype(jnp.float32)
+      attn = attn.reshape(b_ // nw, nw, self.num_heads, n, n) + bias
+      attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype).reshape(b_, self.num_heads, n, n)
+      attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
+      x = jnp.einsum("bhnm,bmhd->bnhd", attn, v)
     x = nn.Dense(c, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=trunc_normal)(x.reshape(b_, n, c))
     return nn.Dropout(self.proj_drop)(x, deterministic=deterministic)
