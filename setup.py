@@ -33,6 +33,8 @@ setup(
         "tpu": ["jax[tpu]"],
         # The PyTorch reference (timm) and the weight converter's .pth reader.
         "torch": TORCH,
-        "test": ["pytest>=8"] + TORCH,
+        # The demo's real images: scikit-learn's digits ship inside the package.
+        "demo": ["scikit-learn>=1.3"],
+        "test": ["pytest>=8", "scikit-learn>=1.3"] + TORCH,
     },
 )

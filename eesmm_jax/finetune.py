@@ -32,7 +32,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eesmm_jax import augment, convert, finetune_input, input_pipeline, optim, probe, train
@@ -381,33 +380,19 @@ def finetune(config, workdir: str, mesh, num_classes: int,
                                       train.steps_per_epoch(config))
 
   # --- State shapes and shardings.
-  def init_state(params, rng):
-    scale = DynamicScale() if config.dtype == "float16" else None
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params), rng=rng, dynamic_scale=scale,
-                            skipped_in_a_row=jnp.zeros((), jnp.int32))
+  init_state = lambda params, rng: train.new_train_state(params, tx, rng, config.dtype)
 
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   state_shapes = jax.eval_shape(init_state, param_shapes, state_rng)
   state_sharding = train.state_shardings(state_shapes, mesh, config.fsdp)
 
   # --- Checkpoint restore, or init from the pretrained encoder.
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True))
-  latest = manager.latest_step()
-  if latest is not None:
-    train.check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
-                                f"at step {latest} in {workdir}")
-    abstract = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        state_shapes, state_sharding)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from %s at step %d", workdir, int(state.step))
-  else:
+  def init():
     params = jax.device_put(initial_params(config, model, init_rng), state_sharding.params)
-    state = jax.jit(init_state, out_shardings=state_sharding)(params, state_rng)
+    return jax.jit(init_state, out_shardings=state_sharding)(params, state_rng)
+
+  manager = train.checkpoint_manager(workdir, config.keep_checkpoints)
+  state = train.restore_or_init(manager, state_shapes, state_sharding, init)
   start = int(state.step)
 
   # --- The steps.
@@ -441,24 +426,12 @@ def finetune(config, workdir: str, mesh, num_classes: int,
       batch = {k: train.global_batch_from_local(local[k], data_sharding)
                for k in ("image", "label")}
       state, metrics = train_step(state, batch)
-      if not int(metrics["finite"]) and state.dynamic_scale is None:
-        raise train.NonFiniteError(
-            f"step {step}: the loss or the gradients are not finite (loss "
-            f"{float(metrics['loss'])}); stopping. The last good checkpoint (step "
-            f"{manager.latest_step()}) is kept in {workdir}. Try a lower optim.base_lr.")
-      if int(metrics["skipped_in_a_row"]) > config.max_skipped_steps:
-        raise train.NonFiniteError(
-            f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed; "
-            f"the last good checkpoint (step {manager.latest_step()}) is kept.")
+      train.check_finite(step, metrics, state, manager, config.max_skipped_steps)
       if step % config.log_every == 0 or step == last:
         log.write(step, metrics)
-      if preemption.reached(step):
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        print(f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; the same "
-              f"command resumes from it", flush=True)
+      if train.save_checkpoint(manager, state, step, step % config.checkpoint_every == 0 or
+                               step == last, preemption):
         break
-      if step % config.checkpoint_every == 0 or step == last:
-        manager.save(step, args=ocp.args.StandardSave(state))
       if (config.eval_every and step % config.eval_every == 0) or step == steps:
         run_eval(step)
   finally:

@@ -47,9 +47,10 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array         # raw uint32[2] key; the step's key is fold_in(rng, step)
-  # fp16 only: the loss scale, and how many steps in a row it has had to skip.
+  # fp16 only: the loss scale. Steps skipped for non-finite gradients: in a row, and in all.
   dynamic_scale: Optional[DynamicScale] = None
   skipped_in_a_row: jax.Array = 0
+  skipped_steps: jax.Array = 0
 
 
 class NonFiniteError(RuntimeError):
@@ -135,9 +136,11 @@ def make_train_step(loss_fn, tx, schedule, accum_steps: int):
     params = keep(optax.apply_updates(state.params, updates), state.params)
     opt_state = keep(opt_state, state.opt_state)
     skipped = jnp.where(finite, 0, state.skipped_in_a_row + 1)
+    skipped_steps = state.skipped_steps + (1 - finite.astype(jnp.int32))
 
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step // accum_steps),
-                   finite=finite.astype(jnp.int32), skipped_in_a_row=skipped)
+                   finite=finite.astype(jnp.int32), skipped_in_a_row=skipped,
+                   skipped_steps=skipped_steps)
     if dynamic_scale is not None:
       metrics["loss_scale"] = dynamic_scale.scale
     for k in range(aux["loss_components"].shape[0]):
@@ -145,7 +148,8 @@ def make_train_step(loss_fn, tx, schedule, accum_steps: int):
     if "loss_mix" in aux:
       metrics["loss_mix"] = aux["loss_mix"]
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          dynamic_scale=dynamic_scale, skipped_in_a_row=skipped)
+                          dynamic_scale=dynamic_scale, skipped_in_a_row=skipped,
+                          skipped_steps=skipped_steps)
     return state, metrics
 
   return train_step
@@ -164,17 +168,78 @@ def fsdp_spec(shape: tuple[int, ...], num_shards: int) -> P:
 
 
 def state_shardings(state_shapes, mesh, fsdp: bool):
-  """Replicated params and optimizer state, or FSDP: both sharded over the data axis."""
-  replicated = NamedSharding(mesh, P())
+  """Everything replicated; with FSDP, params and optimizer state sharded over `data`."""
+  replicated = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), state_shapes)
   if not fsdp:
-    return jax.tree_util.tree_map(lambda _: replicated, state_shapes)
+    return replicated
   shard = lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.size) if x.ndim else P())
-  return state_shapes.replace(params=jax.tree_util.tree_map(shard, state_shapes.params),
-                              opt_state=jax.tree_util.tree_map(shard, state_shapes.opt_state),
-                              step=replicated, rng=replicated,
-                              dynamic_scale=jax.tree_util.tree_map(lambda _: replicated,
-                                                                   state_shapes.dynamic_scale),
-                              skipped_in_a_row=replicated)
+  return replicated.replace(params=jax.tree_util.tree_map(shard, state_shapes.params),
+                            opt_state=jax.tree_util.tree_map(shard, state_shapes.opt_state))
+
+
+def new_train_state(params, tx, rng, dtype: str) -> TrainState:
+  """Step 0. fp16 has no headroom for Swin's activations and gradients: dynamic loss scaling."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=rng,
+                    dynamic_scale=DynamicScale() if dtype == "float16" else None,
+                    skipped_in_a_row=zero, skipped_steps=zero)
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Async Orbax saves into <workdir>/checkpoints, keeping the last `keep`. A save is written to
+  a temporary directory and renamed when complete, so a kill never leaves a half checkpoint
+  that a restart would pick up."""
+  return ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True))
+
+
+def restore_or_init(manager, state_shapes, state_sharding, init):
+  """The latest checkpoint, restored onto this run's shardings (which also reshards one saved
+  on another number of devices, or with(out) FSDP); else `init()`. None if nothing to resume."""
+  latest = manager.latest_step()
+  if latest is None:
+    return init()
+  check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
+                        f"at step {latest} in {os.path.dirname(str(manager.directory))}")
+  abstract = jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      state_shapes, state_sharding)
+  state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+  logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+  return state
+
+
+def check_finite(step: int, metrics: dict, state: TrainState, manager, max_skipped: int):
+  """Stops the run on a non-finite step (fp32/bf16), or on too many skipped in a row (fp16).
+
+  It reads one scalar back per step: a non-finite step must stop the run before it is saved.
+  """
+  if not int(metrics["finite"]) and state.dynamic_scale is None:
+    raise NonFiniteError(
+        f"step {step}: the loss or the gradients are not finite (loss "
+        f"{float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); stopping. "
+        f"{last_good(manager)} Try a lower optim.base_lr, or dtype 'float32'.")
+  if int(metrics["skipped_in_a_row"]) > max_skipped:
+    raise NonFiniteError(
+        f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed "
+        f"(loss scale now {float(metrics['loss_scale']):g}): the loss itself is not finite, not "
+        f"just the fp16 range. {last_good(manager)} Try dtype 'bfloat16' or 'float32', or a "
+        f"lower lr.")
+
+
+def save_checkpoint(manager, state, step: int, periodic: bool, preemption) -> bool:
+  """Saves when `periodic` or when preempted; True when the run must stop (preemption)."""
+  if preemption.reached(step):
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    print(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
+          f"{os.path.dirname(str(manager.directory))}; the same command resumes from it",
+          flush=True)
+    return True
+  if periodic:
+    manager.save(step, args=ocp.args.StandardSave(state))
+  return False
 
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
@@ -323,43 +388,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tx, schedule = optim.make_optimizer(ocfg, param_shapes, config.batch_size,
                                       steps_per_epoch(config))
 
-  # --- State shapes and shardings (params replicated, batch over `data`).
+  # --- State shapes and shardings (params replicated unless FSDP, batch over `data`).
   def init_state(rng):
     init_rng, state_rng = jax.random.split(rng)
-    params = init_params(init_rng)
-    # fp16 has no headroom for Swin's activations and gradients: dynamic loss scaling.
-    scale = DynamicScale() if config.dtype == "float16" else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng, dynamic_scale=scale,
-                      skipped_in_a_row=jnp.zeros((), jnp.int32))
+    return new_train_state(init_params(init_rng), tx, state_rng, config.dtype)
 
   state_shapes = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
   state_sharding = state_shardings(state_shapes, mesh, config.fsdp)
 
   # --- Checkpoint restore, or init (optionally from a converted PyTorch encoder).
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True))
-  if manager.latest_step() is not None:
-    latest = manager.latest_step()
-    check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
-                          f"at step {latest} in {workdir}")
-    # Restoring onto this run's shardings also reshards a checkpoint saved on another number
-    # of devices, or with(out) FSDP.
-    abstract = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        state_shapes, state_sharding)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from %s at step %d", workdir, int(state.step))
-  else:
+  def init():
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
-    if config.init_from:
-      encoder = load_init_from(config.init_from, state.params["encoder"], model.encoder)
-      params = {**state.params, "encoder": encoder}
-      state = state.replace(params=jax.device_put(params, state_sharding.params),
-                            opt_state=jax.jit(tx.init, out_shardings=state_sharding.opt_state)(
-                                params))
+    if not config.init_from:
+      return state
+    encoder = load_init_from(config.init_from, state.params["encoder"], model.encoder)
+    params = jax.device_put({**state.params, "encoder": encoder}, state_sharding.params)
+    opt_state = jax.jit(tx.init, out_shardings=state_sharding.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
+  state = restore_or_init(manager, state_shapes, state_sharding, init)
   start = int(state.step)
 
   # --- The step.
@@ -378,23 +426,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   preemption = Preemption()
   picture_batch = None
   last = steps if stop_after is None else min(steps, stop_after)
-  step = start
   try:
     for step in range(start + 1, last + 1):
       images = global_batch_from_local(next(batches)["image"], data_sharding)
       state, metrics = train_step(state, images)
-      # One scalar back per step: a non-finite step must stop the run before it is saved.
-      if not int(metrics["finite"]) and state.dynamic_scale is None:
-        raise NonFiniteError(
-            f"step {step}: the loss or the gradients are not finite (loss "
-            f"{float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); stopping. "
-            f"{last_good(manager)} Try a lower optim.base_lr, or dtype 'float32'.")
-      if int(metrics["skipped_in_a_row"]) > config.max_skipped_steps:
-        raise NonFiniteError(
-            f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed "
-            f"(loss scale now {float(metrics['loss_scale']):g}): the loss itself is not "
-            f"finite, not just the fp16 range. {last_good(manager)} Try dtype 'bfloat16' or "
-            f"'float32', or a lower lr.")
+      check_finite(step, metrics, state, manager, config.max_skipped_steps)
       if picture_batch is None:
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(n * 4, images.shape[0])]
@@ -410,15 +446,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if config.picture_every and (step % config.picture_every == 0 or step == steps):
         aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
         pictures.write_reconstructions(workdir, step, aux, log.writer)
-      if preemption.reached(step):
-        manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        print(f"preempted (SIGTERM): saved a checkpoint at step {step} in {workdir}; the same "
-              f"command resumes from it", flush=True)
+      if save_checkpoint(manager, state, step, step % config.checkpoint_every == 0 or
+                         step == last, preemption):
         break
-      if step % config.checkpoint_every == 0 or step == last:
-        manager.save(step, args=ocp.args.StandardSave(state))
   finally:
-    # Saves already started finish (they are atomic: a half-written one is never restored).
+    # Saves already started finish; one cut short by a kill is never restored.
     manager.wait_until_finished()
     manager.close()
     log.close()

@@ -242,7 +242,6 @@ def test_random_resized_crop_window():
 
 # ----------------------------------------------------------------------------- demo data
 def test_write_digits_folder(tmp_path):
-  pytest.importorskip("sklearn")
   root = str(tmp_path / "digits")
   assert ip.write_digits_folder(root) == root
   train, train_labels, classes = ip.list_folder(root, "train")

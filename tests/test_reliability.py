@@ -203,7 +203,7 @@ def test_resuming_another_models_checkpoint_names_the_first_mismatch(tmp_path):
 
 
 def test_init_from_another_models_weights_names_the_parameter_and_shapes(tmp_path):
-  torch = pytest.importorskip("torch")
+  import torch
   other = tiny_config(**{"model.embed_dim": 24, "model.num_heads": (2, 4)})
   encoder = train.create_encoder(other, num_classes=0, use_mask_token=True)
   params = encoder.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))["params"]

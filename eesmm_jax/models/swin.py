@@ -187,7 +187,11 @@ class WindowAttention(nn.Module):
       x = jax.nn.dot_product_attention(q, k, v, bias=full.astype(q.dtype), scale=scale,
                                        implementation="cudnn")
     else:
-      attn = jnp.einsum("bnhd,bmhd->bhnm", q * scale, k).astype(jnp.float32)
+      # Logits accumulate into float32 so fp16 cannot overflow before the bias and mask are
+      # added; XLA:CPU has no f16 x f16 -> f32 dot, so there the product is cast afterwards.
+      acc = None if jax.default_backend() == "cpu" else jnp.float32
+      attn = jnp.einsum("bnhd,bmhd->bhnm", q * scale, k,
+                        preferred_element_type=acc).astype(jnp.float32)
       attn = attn.reshape(b_ // nw, nw, self.num_heads, n, n) + bias
       attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype).reshape(b_, self.num_heads, n, n)
       attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
