@@ -314,48 +314,16 @@ def make_finetune_dataset(data: ml_collections.ConfigDict, aug: ml_collections.C
                           process_count: Optional[int] = None) -> tf.data.Dataset:
   """Infinite per-process batches {'image': float32 [b, S, S, 3], 'label': int32 [b]} from
   `start_step` on, b = global_batch // process_count."""
-  process_index, process_count = ip._process(process_index, process_count)
-  if global_batch % process_count:
-    raise ValueError(f"global_batch {global_batch} is not divisible by process_count "
-                     f"{process_count}")
   if data.dataset == "synthetic":
     num_classes(data)  # raises
-  local_batch = global_batch // process_count
-  ip._hide_accelerators_from_tf()
-  if data.dataset == "folder":
-    source = ip._folder_source(data, process_index, process_count)
-  else:
-    source = ip._tfds_source(data, process_index, process_count)
-  if "label" not in source.records.element_spec:
+  # The pretraining stream (same order, resume and multi-process guarantees) with the
+  # fine-tuning augmentation.
+  ds = ip.make_pretrain_dataset(data, global_batch, start_step, process_index=process_index,
+                                process_count=process_count,
+                                view=lambda raw, seed: train_view(raw, seed, data, aug))
+  if "label" not in ds.element_spec:
     raise ValueError(f"dataset {data.dataset!r} (split {data.split!r}) has no labels")
-  records = source.records.cache() if data.cache else source.records
-  # Folder sources hold paths (cheap): shuffle each epoch fully.
-  buffer = source.shuffle_buffer or source.num_local
-  # Salt 2: fine-tuning draws differ from pretraining's (salt 1) for the same seed.
-  base = tf.random.experimental.stateless_fold_in([int(data.seed), 2], process_index)
-
-  def epoch(e):
-    epoch_seed = tf.random.experimental.stateless_fold_in(base, e)
-    shuffle_seed = tf.random.stateless_uniform([], epoch_seed, None, None, tf.int64)
-    shuffled = records.shuffle(buffer, seed=shuffle_seed,
-                               reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(lambda i, ex: (
-        tf.random.experimental.stateless_fold_in(epoch_seed, i), ex))
-
-  def load(example_seed, ex):
-    raw = tf.io.read_file(ex["path"]) if "path" in ex else ex["raw"]
-    return {"image": train_view(raw, example_seed, data, aug), "label": ex["label"]}
-
-  position = start_step * local_batch
-  ds = tf.data.Dataset.range(position // source.num_local, ip._FOREVER).flat_map(epoch)
-  ds = ds.skip(position % source.num_local)
-  ds = ds.map(load, num_parallel_calls=ip._autotune(data.num_parallel_calls))
-  ds = ds.batch(local_batch, drop_remainder=True)
-  if data.prefetch:
-    ds = ds.prefetch(ip._autotune(data.prefetch))
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options)
+  return ds
 
 
 def create_finetune_iterator(data, aug, global_batch: int, start_step: int = 0, *,

@@ -423,11 +423,12 @@ def _autotune(n: int) -> int:
 
 def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
                           start_step: int = 0, *, process_index: Optional[int] = None,
-                          process_count: Optional[int] = None) -> tf.data.Dataset:
+                          process_count: Optional[int] = None, view=None) -> tf.data.Dataset:
   """The infinite per-process dataset of batches from `start_step` on (see the module docstring).
 
   Elements: {'image': float32 [global_batch // process_count, img_size, img_size, 3],
-  'label': int32 [b] when the source has labels}.
+  'label': int32 [b] when the source has labels}. `view(raw_bytes, seed) -> image` replaces
+  SimMIM's augmentation (fine-tuning passes its own); the stream and its seeds are the same.
   """
   process_index, process_count = _process(process_index, process_count)
   if global_batch % process_count:
@@ -441,7 +442,9 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
   options.deterministic = True
 
   size, seed = int(config.img_size), int(config.seed)
-  scale, ratio = tuple(config.crop_scale), tuple(config.crop_ratio)
+  if view is None:
+    scale, ratio = tuple(config.crop_scale), tuple(config.crop_ratio)
+    view = lambda raw, example_seed: augment(raw, example_seed, size, scale, ratio)
   parallel = _autotune(config.num_parallel_calls)
   if config.dataset in ("synthetic", "folder"):
     # This process's rows of each global batch, as positions in the global stream.
@@ -456,18 +459,18 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
         return {"image": tf.random.stateless_normal([size, size, 3], s_img),
                 "label": tf.random.stateless_uniform([], s_lab, 0, 1000, tf.int32)}
     else:
-      example = _folder_examples(config, size, scale, ratio)
+      example = _folder_examples(config, view)
     ds = positions.map(example, num_parallel_calls=parallel)
   else:
-    ds = _tfds_stream(config, process_index, process_count, start_step * local_batch, size,
-                      scale, ratio, parallel)
+    ds = _tfds_stream(config, process_index, process_count, start_step * local_batch, view,
+                      parallel)
   ds = ds.batch(local_batch, drop_remainder=True)
   if config.prefetch:
     ds = ds.prefetch(_autotune(config.prefetch))
   return ds.with_options(options)
 
 
-def _folder_examples(config, size, scale, ratio):
+def _folder_examples(config, view):
   """Global stream position -> augmented example of a folder (the module docstring's order)."""
   paths, labels, _ = list_folder(config.data_dir, config.split)
   n = len(paths)
@@ -484,7 +487,7 @@ def _folder_examples(config, size, scale, ratio):
     k = tf.random.experimental.index_shuffle(i % n, epoch_seed, tf.constant(n - 1, tf.int64))
     raw = table[k] if config.cache else tf.io.read_file(table[k])
     seed = tf.random.experimental.stateless_fold_in(augment_base, i)
-    out = {"image": augment(raw, seed, size, scale, ratio)}
+    out = {"image": view(raw, seed)}
     if label_table is not None:
       out["label"] = label_table[k]
     return out
@@ -492,7 +495,7 @@ def _folder_examples(config, size, scale, ratio):
   return example
 
 
-def _tfds_stream(config, process_index, process_count, position, size, scale, ratio, parallel):
+def _tfds_stream(config, process_index, process_count, position, view, parallel):
   """This process's augmented examples of a TFDS dataset, from local stream `position` on."""
   source = _tfds_source(config, process_index, process_count)
   records = source.records.cache() if config.cache else source.records
@@ -507,7 +510,7 @@ def _tfds_stream(config, process_index, process_count, position, size, scale, ra
         tf.random.experimental.stateless_fold_in(epoch_seed, i), ex))
 
   def load(example_seed, ex):
-    out = {"image": augment(ex["raw"], example_seed, size, scale, ratio)}
+    out = {"image": view(ex["raw"], example_seed)}
     if "label" in ex:
       out["label"] = ex["label"]
     return out
