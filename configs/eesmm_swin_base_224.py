@@ -1,7 +1,7 @@
 """EESMM, the paper's main run (Sec. 4.1.1): Swin-B, 224 px, window 7, 800 epochs, n = 2.
 
 Run (the paper's hardware, one host with 4 V100s):
-  bash launch/v100x4.sh configs/eesmm_swin_base_224.py $WORK/eesmm_b224 \
+  launch/v100x4.sh --config configs/eesmm_swin_base_224.py --workdir $WORK/eesmm_b224 \
       --config.data.data_dir=$TFDS_DATA_DIR
 
 Sec. 4.1.1: batch 256, AdamW (eps 1e-6, wd 0.05), base lr 2e-4, min lr 1e-5 (both scaled by

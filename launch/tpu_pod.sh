@@ -19,4 +19,4 @@ gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "
   set -e; cd ~/eesmm_jax || { echo 'no ~/eesmm_jax on this worker' >&2; exit 2; }
   [ -d .venv ] || python3 -m venv .venv; . .venv/bin/activate
   python -c 'import libtpu' 2>/dev/null || pip install -q -e '.[tpu]'
-  TF_CPP_MIN_LOG_LEVEL=2 python -m eesmm_jax.main --config.dtype=bfloat16 $args"
+  TF_CPP_MIN_LOG_LEVEL=2 python -m eesmm_jax.main $args --config.dtype=bfloat16"
