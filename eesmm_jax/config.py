@@ -14,26 +14,26 @@ from eesmm_jax import input_pipeline, objectives, optim
 from eesmm_jax.models import swin
 
 
-def pretrain_config() -> ml_collections.ConfigDict:
+def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The keys every run reads (pretraining and fine-tuning alike), around its `data` config."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.img_size = 192
   # Compute dtype: 'float32', 'bfloat16' (A100/H100/TPU) or 'float16'; params stay float32.
   c.dtype = "float32"
-  # Images per step over all processes (n images make one blended sample: n * B).
+  # Images per step over all processes (pretraining: n images make one blended sample).
   c.batch_size = 2048
   # Steps of the run; None = optim.epochs over the dataset.
   c.total_steps = ml_collections.config_dict.placeholder(int)
   c.log_every = 50
-  c.picture_every = 1000      # reconstruction grid PNG + TensorBoard image; 0 = never
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   # Shard params and optimizer state over the data axis (FSDP) instead of replicating them.
   c.fsdp = False
   # fp16: a run stops when this many steps in a row overflow (the loss itself is then broken).
   c.max_skipped_steps = 20
-  # Encoder weights to start from: a PyTorch .pth (official, timm or SimMIM layout) or a
-  # directory written by `python -m eesmm_jax.convert to-flax`.
+  # Weights to start from: a PyTorch .pth (official, timm or SimMIM layout) or a directory
+  # written by `python -m eesmm_jax.convert to-flax` (fine-tuning also takes a workdir).
   c.init_from = ml_collections.config_dict.placeholder(str)
 
   c.model = ml_collections.ConfigDict()
@@ -41,17 +41,24 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.img_size = c.get_ref("img_size")
   c.model.window_size = 6
   c.model.patch_size = 4
-  c.model.drop_path_rate = 0.0      # SimMIM pretrains without drop path
+  c.model.drop_path_rate = 0.0
   # Set these to override the named variant (e.g. a tiny Swin for tests and the demo).
   c.model.embed_dim = ml_collections.config_dict.placeholder(int)
   c.model.depths = ml_collections.config_dict.placeholder(tuple)
   c.model.num_heads = ml_collections.config_dict.placeholder(tuple)
 
-  c.objective = objectives.default_objective_config()
-  c.data = input_pipeline.default_data_config()
+  c.data = data
   c.data.img_size = c.get_ref("img_size")
   c.data.seed = c.get_ref("seed")
   c.optim = optim.default_optim_config()
+  return c
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """SimMIM's Swin-B 192/window 6 pretraining, EESMM's objective defaults (n = 2)."""
+  c = run_config(input_pipeline.default_data_config())
+  c.picture_every = 1000      # reconstruction grid PNG + TensorBoard image; 0 = never
+  c.objective = objectives.default_objective_config()
   return c
 
 

@@ -34,7 +34,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eesmm_jax import augment, convert, finetune_input, input_pipeline, optim, probe, train
+from eesmm_jax import augment
+from eesmm_jax import config as config_lib
+from eesmm_jax import convert, finetune_input, input_pipeline, optim, probe, train
 from eesmm_jax.models import swin
 
 MODES = ("finetune", "eval", "probe")
@@ -44,43 +46,19 @@ _NO_CHECKPOINT = "no checkpoint"
 def finetune_config() -> ml_collections.ConfigDict:
   """Every key the fine-tune / eval / probe modes read, with SimMIM's Swin-B 224 fine-tuning
   defaults (microsoft/SimMIM simmim_finetune__swin_base__img224_window7__100ep)."""
-  c = ml_collections.ConfigDict()
+  c = config_lib.run_config(finetune_input.finetune_data_config())
   c.mode = "finetune"           # 'finetune' | 'eval' | 'probe'
-  c.seed = 0
   c.img_size = 224
-  c.dtype = "float32"           # compute dtype: 'float32' | 'bfloat16' | 'float16'
-  c.batch_size = 2048           # images per step over all processes (SimMIM: 128 x 16 GPUs)
   c.eval_batch_size = 1024      # padded: any dataset size works
-  c.total_steps = ml_collections.config_dict.placeholder(int)  # None = optim.epochs
-  c.log_every = 50
   c.eval_every = 0              # steps; 0 = evaluate at the end only
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  c.fsdp = False
-  c.max_skipped_steps = 20
-  # Weights to start from (finetune, probe) or to evaluate (eval): a PyTorch .pth (official,
-  # timm or SimMIM layout), a pretraining or fine-tuning workdir (its latest checkpoint), or a
-  # directory written by `python -m eesmm_jax.convert to-flax`. None = random init.
-  c.init_from = ml_collections.config_dict.placeholder(str)
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "swin_base"
-  c.model.img_size = c.get_ref("img_size")
+  # finetune/probe start from init_from (also a pretraining or fine-tuning workdir: its latest
+  # checkpoint); eval evaluates it. None = random init.
   c.model.window_size = 7
-  c.model.patch_size = 4
   c.model.drop_path_rate = 0.1     # SimMIM Swin-B 100 ep; the paper: B 0.2 / L 0.3 (800 ep)
   c.model.num_classes = ml_collections.config_dict.placeholder(int)  # None = the dataset's
-  c.model.embed_dim = ml_collections.config_dict.placeholder(int)
-  c.model.depths = ml_collections.config_dict.placeholder(tuple)
-  c.model.num_heads = ml_collections.config_dict.placeholder(tuple)
-
-  c.data = finetune_input.finetune_data_config()
-  c.data.img_size = c.get_ref("img_size")
-  c.data.seed = c.get_ref("seed")
 
   c.aug = augment.default_aug_config()
 
-  c.optim = optim.default_optim_config()
   c.optim.base_lr = 1.25e-3     # all three scaled by batch / 512
   c.optim.warmup_lr = 2.5e-7
   c.optim.min_lr = 2.5e-7
