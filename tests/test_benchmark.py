@@ -28,7 +28,8 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
   # A subprocess: timm must be imported before TensorFlow, which other tests may have loaded.
   # Two simulated CPU devices (conftest's 8 compile slower): batch 4 = n x devices for n = 2.
   cmd = [sys.executable, "-m", "eesmm_jax.benchmark", "--preset", "cpu-small", "--out", str(out),
-         "--sizes", "64/2", "--methods", "simmim,eesmm2", "--batch", "4", "--steps", "2",
+         "--backbones", "swin_micro", "--sizes", "64/2", "--methods", "simmim,eesmm2",
+         "--batch", "4", "--steps", "2",
          "--warmup", "1", "--torch", "eager"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
