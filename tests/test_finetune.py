@@ -20,19 +20,10 @@ from PIL import Image
 
 from eesmm_jax import convert, finetune, finetune_input, input_pipeline, train
 from eesmm_jax.models import swin
+from tests.test_train import set_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4))
-
-
-def set_keys(c, **overrides):
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
 
 
 def tiny_config(data_dir, **overrides):

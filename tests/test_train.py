@@ -35,6 +35,11 @@ def tiny_config(**overrides):
   c.log_every = 1
   c.picture_every = 0
   c.checkpoint_every = 100
+  return set_keys(c, **overrides)
+
+
+def set_keys(c, **overrides):
+  """Sets dotted keys ('optim.warmup_epochs') of a ConfigDict, as --config.<key> flags do."""
   for k, v in overrides.items():
     node = c
     *path, leaf = k.split(".")
