@@ -11,7 +11,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["eesmm_jax", "eesmm_jax.*"]),
+    # configs/ ships inside the package as eesmm_jax.configs (the demo reads its config there).
+    packages=find_packages(include=["eesmm_jax", "eesmm_jax.*"]) + ["eesmm_jax.configs"],
+    package_dir={"eesmm_jax.configs": "configs"},
     install_requires=[
         "jax>=0.5",
         "flax>=0.10",

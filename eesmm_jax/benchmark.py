@@ -41,11 +41,9 @@ import traceback
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eesmm_jax import objectives, optim
+from eesmm_jax import core, plan
+from eesmm_jax.config import pretrain_config
 from eesmm_jax.models import swin
 
 IMAGENET_TRAIN = 1_281_167
@@ -185,10 +183,8 @@ def throughput_fields(batch: int, times: list[float], num_devices: int) -> dict:
 def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
              steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
              attention: Optional[str] = None) -> dict:
-  """Compile and time the trainer's step (`train.make_train_step`, SimMIM's AdamW recipe)."""
-  from eesmm_jax import train  # the trainer's own step, mesh and state
-  from eesmm_jax.config import pretrain_config
-
+  """Compile and time the trainer's own step: its plan, state (with the fp16 loss scale) and
+  jitted step (`core`), at SimMIM's AdamW recipe."""
   config = pretrain_config()
   config.img_size = img_size
   config.dtype = dtype
@@ -198,37 +194,18 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     config.model[key] = value
   config.model.window_size = window
   config.objective.num_mix = num_mix
+  config.data.dataset = data if data != "device" else "synthetic"
+  config.data.data_dir = data_dir
+  # The schedule's length and shape: the lr's value does not change the step's cost.
+  config.total_steps = 1000
+  config.optim.warmup_epochs = 0.0
 
-  mesh = train.make_mesh()
-  if batch % (num_mix * mesh.size):
-    raise ValueError(f"batch {batch} must be a multiple of n x devices = {num_mix} x "
-                     f"{mesh.size}")
-  data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-  encoder = train.create_encoder(config, num_classes=0, use_mask_token=True,
-                                 attention_impl=attention)
-  model = objectives.build_model(config.objective, encoder)
-  loss_fn = objectives.build_objective(config.objective, model)
-  side = img_size // model.encoder.patch_size
-  init_params = lambda rng: model.init(
-      rng, jnp.zeros((1, img_size, img_size, 3)), jnp.zeros((1, side, side), jnp.int32))["params"]
-  ocfg = config.optim
-  ocfg.depths = tuple(model.encoder.depths)
-  tx, schedule = optim.make_optimizer(ocfg, jax.eval_shape(init_params, jax.random.key(0)),
-                                      batch, steps_per_epoch=1000)
-
-  def init_state(rng):
-    params = init_params(rng)
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params), rng=jax.random.key_data(rng))
-
-  state_sharding = jax.tree_util.tree_map(lambda _: replicated,
-                                          jax.eval_shape(init_state, jax.random.key(0)))
-  state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(0))
+  p = plan.pretraining(config, core.make_mesh(), attention_impl=attention)
+  state = jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(0))
   images = jax.jit(lambda k: jax.random.normal(k, (batch, img_size, img_size, 3)),
-                   out_shardings=data_sharding)(jax.random.key(1))
-  step_fn = jax.jit(train.make_train_step(loss_fn, tx, schedule, 1),
-                    in_shardings=(state_sharding, data_sharding),
-                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+                   out_shardings=p.data_sharding)(jax.random.key(1))
+  step_fn = core.jit_train_step(p)
+  mesh, data_sharding = p.mesh, p.data_sharding
 
   t = time.perf_counter()
   compiled = step_fn.lower(state, images).compile()
@@ -241,11 +218,9 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   if data == "device":
     next_images = lambda: images
   else:
-    from eesmm_jax import input_pipeline
-    config.data.dataset = data
-    config.data.data_dir = data_dir
-    batches = input_pipeline.create_pretrain_iterator(config.data, batch)
-    next_images = lambda: train.global_batch_from_local(next(batches)["image"], data_sharding)
+    from eesmm_jax import data as data_lib
+    batches = data_lib.create_pretrain_iterator(config.data, batch)
+    next_images = lambda: core.global_batch_from_local(next(batches)["image"], data_sharding)
 
   holder = {"state": state}
   peak_before = device_peak_bytes()
@@ -257,6 +232,8 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
 
   times = timed_steps(one_step, steps, warmup)
   loss = float(holder["loss"])
+  scale = holder["state"].dynamic_scale  # float16: the trainer's dynamic loss scale
+  loss_scale = None if scale is None else float(scale.scale)
   peak_after = device_peak_bytes()
   if peak_after is not None and (peak_before is None or peak_after > peak_before):
     # The process's high-water mark rose during this cell, so it is this cell's peak.
@@ -267,6 +244,7 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   gc.collect()
   return dict(compile_time_s=compile_time, flops_per_image=flops_per_image, peak_bytes=peak,
               peak_bytes_source=source, loss=loss, finite=math.isfinite(loss),
+              loss_scale=loss_scale,
               **throughput_fields(batch, times, mesh.size))
 
 
@@ -589,5 +567,15 @@ def run(argv=None) -> list[dict]:
   return cells
 
 
+def main(argv=None) -> int:
+  """Exit status 1 when any cell failed (the tables are written first); skipped cells are not
+  failures."""
+  failed = [c for c in run(argv) if c["status"].startswith("error")]
+  for c in failed:
+    print(f"failed: {c['backbone']} {c['img_size']}/{c['window_size']} {c['method']} "
+          f"{c['impl']}: {c['status']}", flush=True)
+  return 1 if failed else 0
+
+
 if __name__ == "__main__":
-  run()
+  raise SystemExit(main())

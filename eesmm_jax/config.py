@@ -2,16 +2,13 @@
 
 Config files in configs/ start from `pretrain_config()` and change what their experiment changes,
 so each reads as a description of the experiment. `img_size` and `seed` are shared references:
-`--config.img_size=224` moves the model and the input pipeline together.
+`--config.img_size=224` moves the model and the input pipeline together. The checks of a config,
+and everything computed from it, are `plan.py`'s.
 """
-
-import os
-import tempfile
 
 import ml_collections
 
-from eesmm_jax import input_pipeline, objectives, optim
-from eesmm_jax.models import swin
+from eesmm_jax import data, objectives, optim
 
 
 def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -56,52 +53,7 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def pretrain_config() -> ml_collections.ConfigDict:
   """SimMIM's Swin-B 192/window 6 pretraining, EESMM's objective defaults (n = 2)."""
-  c = run_config(input_pipeline.default_data_config())
+  c = run_config(data.default_data_config())
   c.picture_every = 1000      # reconstruction grid PNG + TensorBoard image; 0 = never
   c.objective = objectives.default_objective_config()
   return c
-
-
-def validate(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:
-  """Every check a run needs, before anything compiles or reads data: each bad value raises a
-  ValueError that names the key and what would be accepted."""
-  from eesmm_jax import masking, train  # train imports this module
-
-  if config.model.name not in swin.VARIANTS:
-    raise ValueError(f"config.model.name={config.model.name!r} is unknown; choose one of "
-                     f"{sorted(swin.VARIANTS)}")
-  try:
-    encoder = train.create_encoder(config, num_classes=0, use_mask_token=True)
-  except ValueError as e:
-    raise ValueError(f"config.img_size / config.model: {e}") from None
-  c = config.objective
-  try:
-    masking.check_mask_args(config.img_size, c.mask_patch_size, encoder.patch_size, c.mask_ratio)
-  except ValueError as e:
-    raise ValueError(f"config.objective: {e}") from None
-  objectives.check_objective_config(c)
-
-  if not isinstance(config.batch_size, int) or config.batch_size % (c.num_mix * num_devices):
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by num_mix x "
-                     f"devices = {c.num_mix} x {num_devices} (= {c.num_mix * num_devices}), so "
-                     f"every device blends whole groups of images")
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[key] < 1:
-      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
-  if config.total_steps is not None and config.total_steps < 1:
-    raise ValueError(f"config.total_steps must be None (use optim.epochs) or >= 1, got "
-                     f"{config.total_steps}")
-
-  input_pipeline.check_data_config(config.data)
-  # Builds the schedule once: refuses a warm-up longer than the run, bad milestones, ...
-  optim.make_schedule(train.optim_config(config, encoder), config.batch_size,
-                      train.steps_per_epoch(config))
-
-  workdir = os.path.abspath(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror}); checkpoints, "
-                     f"metrics and pictures go there") from None

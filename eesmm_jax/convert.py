@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from eesmm_jax.models import swin
 
@@ -165,26 +166,6 @@ def param_shapes(model: swin.SwinTransformer) -> dict:
   return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
 def _as_numpy(value) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor; torch itself is imported only by the CLI
     value = value.detach().cpu().numpy()
@@ -207,7 +188,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: swin.SwinTransformer, *,
         f"the checkpoint holds weights outside the encoder ({_preview(sorted(extra))}); pass "
         "return_extra=True to receive them separately")
   layout = detect_layout(encoder)
-  expected = _flatten(param_shapes(model))
+  expected = traverse_util.flatten_dict(param_shapes(model))
   names = {path: _flax_to_torch_name(path, layout, len(model.depths)) for path in expected}
 
   missing = sorted(n for n in names.values() if n not in encoder)
@@ -233,7 +214,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: swin.SwinTransformer, *,
           f"{tuple(_as_numpy(encoder[names[path]]).shape)} -> {value.shape} after layout "
           f"conversion, model expects {tuple(spec.shape)}")
     flat[path] = value.astype(spec.dtype)
-  params = _unflatten(flat)
+  params = traverse_util.unflatten_dict(flat)
   if return_extra:
     return params, {k: _as_numpy(v) for k, v in extra.items()}
   return params
@@ -247,8 +228,8 @@ def flax_to_torch(params: Mapping, model: swin.SwinTransformer,
   SimMIM checkpoint)."""
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-  expected = _flatten(param_shapes(model))
-  flat = _flatten(params)
+  expected = traverse_util.flatten_dict(param_shapes(model))
+  flat = traverse_util.flatten_dict(params)
   if set(flat) != set(expected):
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
     extra = sorted("/".join(p) for p in set(flat) - set(expected))

@@ -9,13 +9,15 @@
    digits' fixed train/test split, and prints both accuracies.
 """
 
+import importlib.resources
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "demo.py")
+# configs/ is installed as the package eesmm_jax.configs (setup.py), so the demo finds its
+# config from any install, editable or not.
+DEMO_CONFIG = str(importlib.resources.files("eesmm_jax.configs") / "demo.py")
 config_flags.DEFINE_config_file("config", DEMO_CONFIG, "Demo config file.", lock_config=True)
 flags.DEFINE_string("workdir", "/tmp/eesmm_demo", "Where the run and its data go.")
 FLAGS = flags.FLAGS
@@ -26,8 +28,8 @@ def probe(config, encoder_params, seed: int) -> dict:
   import jax
   import numpy as np
 
-  from eesmm_jax import input_pipeline, probe as probe_lib, train
-  encoder = train.create_encoder(config, num_classes=0, use_mask_token=True)
+  from eesmm_jax import core, input_pipeline, probe as probe_lib
+  encoder = core.create_encoder(config, num_classes=0, use_mask_token=True)
   x = np.zeros((1, config.img_size, config.img_size, 3), np.float32)
   random_params = encoder.init(jax.random.PRNGKey(seed + 1), x)["params"]
 

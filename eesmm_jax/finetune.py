@@ -12,35 +12,33 @@ Three modes of the same command line (`config.mode`, see `finetune_config`):
   or a convert directory) on `data.eval_split`.
 * 'probe': linear probe of a frozen encoder's pooled features (`probe.py`).
 
-The pieces of the pretraining trainer are reused: mesh, global batches, state, shardings,
-checkpoint checks, the jitted step (with the fp16 loss scale and the non-finite stop), metrics
-and preemption. Evaluation counts every real example once: the eval input pads the last batches
-of every process and marks padding in 'mask', and the step sums masked counts over the global
-batch.
+The trainer core (`core.py`) and the plan (`plan.py`) are shared with pretraining: mesh, global
+batches, state, shardings, checkpoint checks, the jitted step (with the fp16 loss scale and the
+non-finite stop), metrics and preemption. Evaluation counts every real example once: the eval
+input pads the last batches of every process and marks padding in 'mask', and the step sums
+masked counts over the global batch.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eesmm_jax import augment
 from eesmm_jax import config as config_lib
-from eesmm_jax import convert, finetune_input, input_pipeline, optim, probe, train
+from eesmm_jax import core, data, finetune_input, input_pipeline, probe
+from eesmm_jax import plan as plan_lib
 from eesmm_jax.models import swin
 
 MODES = ("finetune", "eval", "probe")
-_NO_CHECKPOINT = "no checkpoint"
 
 
 def finetune_config() -> ml_collections.ConfigDict:
@@ -75,32 +73,29 @@ def finetune_config() -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation.
+# The plan, and the weights to start from.
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> int:
-  """Every check a run needs before it compiles or reads an image; -> the number of classes."""
+def create_classifier(config, num_classes: int, **overrides) -> swin.SwinTransformer:
+  return core.create_encoder(config, num_classes=num_classes, **overrides)
+
+
+def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> int:
+  """Every check a mode needs before it compiles or reads an image; -> the number of classes."""
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r} is unknown; choose one of {MODES} (or "
                      "'pretrain', with a pretraining config)")
-  if config.model.name not in swin.VARIANTS:
-    raise ValueError(f"config.model.name={config.model.name!r} is unknown; choose one of "
-                     f"{sorted(swin.VARIANTS)}")
-  input_pipeline.check_data_config(config.data)
+  core.create_encoder(config)  # the model name, sizes and dtype
+  data.check_data_config(config.data)
   classes = finetune_input.num_classes(config.data)
   if config.model.num_classes is not None and config.model.num_classes != classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.data.dataset!r} has {classes} classes: set it to {classes} or "
                      f"leave it None")
-  try:
-    encoder = train.create_encoder(config, num_classes=classes)
-  except ValueError as e:
-    raise ValueError(f"config.img_size / config.model: {e}") from None
   if config.mode in ("eval", "probe") and not config.init_from:
     raise ValueError(f"config.mode={config.mode!r} needs config.init_from: the checkpoint to "
                      f"evaluate or probe")
-  if config.init_from and not os.path.exists(config.init_from):
-    raise ValueError(f"config.init_from={config.init_from!r} does not exist")
+  plan_lib.check_run_config(config, trains=config.mode == "finetune")
   for key in ("batch_size", "eval_batch_size"):
     if not isinstance(config[key], int) or config[key] < 1 or config[key] % num_devices:
       raise ValueError(f"config.{key}={config[key]} must be a positive multiple of the "
@@ -109,96 +104,22 @@ def validate(config: ml_collections.ConfigDict, workdir: str, num_devices: int) 
     if config.batch_size % 2:
       raise ValueError(f"config.batch_size={config.batch_size} must be even (mixup pairs each "
                        "image with the reversed batch)")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-      if config[key] < 1:
-        raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
     if config.eval_every < 0:
       raise ValueError(f"config.eval_every must be >= 0 (0 = at the end), got "
                        f"{config.eval_every}")
-    if config.total_steps is not None and config.total_steps < 1:
-      raise ValueError(f"config.total_steps must be None (use optim.epochs) or >= 1")
     augment.check_aug_config(config.aug)
-    optim.make_schedule(train.optim_config(config, encoder), config.batch_size,
-                        train.steps_per_epoch(config))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror})") from None
+  plan_lib.check_workdir(workdir)
   return classes
 
 
-# ----------------------------------------------------------------------------------------------
-# Weights to start from.
-
-
-def _latest_params(directory: str) -> Any:
-  """The params of the latest checkpoint under `directory`/checkpoints, as numpy; a pretraining
-  checkpoint's encoder (its decoder left out)."""
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints")) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise ValueError(f"{directory!r} holds {_NO_CHECKPOINT} (no checkpoints/<step>)")
-    params = mngr.restore(step)["params"]
-  params = params.get("encoder", params)
-  return jax.tree_util.tree_map(np.asarray, params)
-
-
-def _fit(flat: dict, model: swin.SwinTransformer, where: str) -> tuple[dict, bool]:
-  """Flax params (flattened) -> params for `model`, head kept only if it fits.
-
-  Bias tables and absolute position embeddings of another size are resized bicubically;
-  `mask_token` is dropped; a head of another number of classes is dropped (a fresh one is made).
-  Returns (params, head_loaded).
-  """
-  expected = convert._flatten(convert.param_shapes(model))
-  head_fits = all(p in flat and np.shape(flat[p]) == tuple(expected[p].shape)
-                  for p in expected if p[0] == "head")
-  out = {}
-  for path, spec in expected.items():
-    if path[0] == "head" and not head_fits:
-      continue
-    if path not in flat:
-      raise convert.ConversionError(
-          f"{where} does not fit the model: it has no {'/'.join(path)} (model: "
-          f"embed_dim={model.embed_dim}, depths={tuple(model.depths)})")
-    value = np.asarray(flat[path])
-    if value.shape != spec.shape and path[-1] == "relative_position_bias_table":
-      value = convert.resize_relative_position_bias_table(value, spec.shape[0])
-    elif value.shape != spec.shape and path[-1] == "absolute_pos_embed":
-      value = convert.resize_absolute_pos_embed(value, spec.shape[1])
-    if value.shape != spec.shape:
-      raise convert.ConversionError(f"{where}: {'/'.join(path)} has shape {value.shape}, the "
-                                    f"model expects {tuple(spec.shape)}")
-    out[path] = value.astype(spec.dtype)
-  return convert._unflatten(out), head_fits and any(p[0] == "head" for p in expected)
-
-
-def load_pretrained(path: str, model: swin.SwinTransformer) -> tuple[dict, bool]:
-  """Params for `model` from a .pth, a pretraining / fine-tuning workdir or a convert directory.
-
-  -> (params, head_loaded); without a fitting head, params lack 'head'.
-  """
-  if os.path.isdir(path):
-    if os.path.exists(os.path.join(path, "model.json")):
-      params, _ = convert.load_flax(path)
-    else:
-      params = _latest_params(path)
-    return _fit(convert._flatten(params), model, f"init_from {path!r}")
-  import torch  # the `torch` extra
-  state, _ = convert.unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-  # A head is kept only if it has this model's classes; the mask token is pretraining's.
-  head = state.get("head.weight", state.get("head.fc.weight"))
-  keep_head = model.num_classes and head is not None and head.shape[0] == model.num_classes
-  state = {k: v for k, v in state.items()
-           if k != "mask_token" and (keep_head or not k.startswith("head."))}
-  params = convert.torch_to_flax(state, model if keep_head else model.clone(num_classes=0))
-  return params, bool(keep_head)
-
-
-def create_classifier(config, num_classes: int, **overrides) -> swin.SwinTransformer:
-  return train.create_encoder(config, num_classes=num_classes, **overrides)
+def plan_finetuning(config, mesh, workdir: str, num_classes: int) -> plan_lib.Plan:
+  """Fine-tuning's plan (`_check` done): the classifier, its loss, steps, optimizer, state."""
+  model = create_classifier(config, num_classes)
+  x = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
+  return plan_lib.build(config, mesh, workdir, encoder=model, model=model,
+                        loss_fn=make_loss_fn(model, num_classes, config.aug),
+                        init_params=lambda rng: model.init(rng, x)["params"],
+                        source=data.open_source(config.data), num_classes=num_classes)
 
 
 def initial_params(config, model: swin.SwinTransformer, rng: jax.Array,
@@ -208,14 +129,14 @@ def initial_params(config, model: swin.SwinTransformer, rng: jax.Array,
   params = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(rng, x)["params"])
   if not config.init_from:
     return params
-  loaded, head_loaded = load_pretrained(config.init_from, model)
+  loaded, head_loaded = core.load_weights(config.init_from, model)
   if need_head and not head_loaded:
     raise ValueError(f"config.init_from={config.init_from!r} has no classifier head with "
                      f"{model.num_classes} classes: 'eval' needs a fine-tuned model")
   if not head_loaded and model.num_classes:
     logging.info("init_from %s: no head for %d classes, a fresh one is trained",
                  config.init_from, model.num_classes)
-  return {**params, **loaded}
+  return core.merge_params(params, loaded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +144,7 @@ def initial_params(config, model: swin.SwinTransformer, rng: jax.Array,
 
 
 def make_loss_fn(model: swin.SwinTransformer, num_classes: int, aug: ml_collections.ConfigDict):
-  """loss_fn(params, batch, rng, train) for `train.make_train_step`: mixup / cutmix and label
+  """loss_fn(params, batch, rng, train) for `core.make_train_step`: mixup / cutmix and label
   smoothing on device, soft-target cross-entropy, drop path."""
 
   def loss_fn(params, batch, rng, train: bool):
@@ -231,7 +152,7 @@ def make_loss_fn(model: swin.SwinTransformer, num_classes: int, aug: ml_collecti
     images, targets = augment.mix_batch(mix_rng, batch["image"], batch["label"], num_classes, aug)
     logits = model.apply({"params": params}, images, train=train, rngs={"dropout": dropout_rng})
     loss = augment.soft_cross_entropy(logits, targets).mean()
-    return loss, {"loss_components": jnp.zeros((0,))}
+    return loss, {}
 
   return loss_fn
 
@@ -258,7 +179,7 @@ def evaluate(eval_step, params, batches, data_sharding: NamedSharding) -> dict:
   eval batches; several processes each feed their own)."""
   totals = None
   for local in batches:
-    batch = {k: train.global_batch_from_local(local[k], data_sharding)
+    batch = {k: core.global_batch_from_local(local[k], data_sharding)
              for k in ("image", "label", "mask")}
     sums = eval_step(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
@@ -290,9 +211,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   """The command line's entry for `config.mode` in MODES."""
   if config.get("mode") not in MODES:
     raise ValueError(f"config.mode={config.get('mode')!r} is unknown; choose one of {MODES}")
-  mesh = train.make_mesh(devices)
+  mesh = core.make_mesh(devices)
   workdir = os.path.abspath(workdir)
-  num_classes = validate(config, workdir, mesh.size)
+  num_classes = _check(config, workdir, mesh.size)
   if config.mode == "eval":
     return evaluate_checkpoint(config, workdir, mesh, num_classes)
   if config.mode == "probe":
@@ -343,57 +264,40 @@ def linear_probe(config, workdir: str, num_classes: int) -> dict:
 
 
 def finetune(config, workdir: str, mesh, num_classes: int,
-             stop_after: Optional[int] = None) -> train.TrainState:
-  """'finetune': trains as `config` says, resuming from `workdir` if it holds a checkpoint."""
-  data_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-
-  # --- Model, loss and optimizer.
-  model = create_classifier(config, num_classes)
-  loss_fn = make_loss_fn(model, num_classes, config.aug)
-  steps = train.total_steps(config)
-  ocfg = train.optim_config(config, model)
-  param_shapes = convert.param_shapes(model)
-  tx, schedule = optim.make_optimizer(ocfg, param_shapes, config.batch_size,
-                                      train.steps_per_epoch(config))
-
-  # --- State shapes and shardings.
-  init_state = lambda params, rng: train.new_train_state(params, tx, rng, config.dtype)
-
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  state_shapes = jax.eval_shape(init_state, param_shapes, state_rng)
-  state_sharding = train.state_shardings(state_shapes, mesh, config.fsdp)
+             stop_after: Optional[int] = None) -> core.TrainState:
+  """'finetune': trains as `config` says, resuming from `workdir` if it holds a checkpoint, and
+  evaluates at the end; a run stopped after its last save still evaluates when restarted."""
+  # --- The plan: classifier, loss, steps, optimizer, state and shardings.
+  p = plan_finetuning(config, mesh, workdir, num_classes)
+  steps = p.total_steps
 
   # --- Checkpoint restore, or init from the pretrained encoder.
   def init():
-    params = jax.device_put(initial_params(config, model, init_rng), state_sharding.params)
-    return jax.jit(init_state, out_shardings=state_sharding)(params, state_rng)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # plan.new_state's split
+    params = jax.device_put(initial_params(config, p.model, init_rng), p.state_sharding.params)
+    return jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(config.seed),
+                                                                 params)
 
-  manager = train.checkpoint_manager(workdir, config.keep_checkpoints)
-  state = train.restore_or_init(manager, state_shapes, state_sharding, init)
+  manager = core.checkpoint_manager(workdir, config.keep_checkpoints)
+  state = core.restore_or_init(manager, p.state_shapes, p.state_sharding, init)
   start = int(state.step)
 
   # --- The steps.
-  train_step = jax.jit(train.make_train_step(loss_fn, tx, schedule, ocfg.accum_steps),
-                       in_shardings=(state_sharding, data_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model))
+  train_step = core.jit_train_step(p)
+  eval_step = jax.jit(make_eval_step(p.model))
 
   # --- Loop.
   batches = finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
                                                     start_step=start)
-  log = train.MetricsLog(workdir, steps, config.batch_size, mesh.size)
+  log = core.MetricsLog(workdir, steps, config.batch_size, mesh.size)
   log.start(start)
-  preemption = train.Preemption()
+  preemption = core.Preemption()
   last = steps if stop_after is None else min(steps, stop_after)
 
   def run_eval(step):
-    result = evaluate(eval_step, state.params, _eval_batches(config), data_sharding)
-    row = {f"eval_{k}": v for k, v in result.items()}
-    log.writer.write_scalars(step, row)
+    result = evaluate(eval_step, state.params, _eval_batches(config), p.data_sharding)
+    log.write_row(step, {f"eval_{k}": v for k, v in result.items()})
     if log.lead:
-      log.jsonl.write(json.dumps({"step": step, **row}) + "\n")
-      log.jsonl.flush()
       print(f"step {step:>7d}  eval top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
             f"({result['count']} images)", flush=True)
     return result
@@ -401,20 +305,33 @@ def finetune(config, workdir: str, mesh, num_classes: int,
   try:
     for step in range(start + 1, last + 1):
       local = next(batches)
-      batch = {k: train.global_batch_from_local(local[k], data_sharding)
+      batch = {k: core.global_batch_from_local(local[k], p.data_sharding)
                for k in ("image", "label")}
       state, metrics = train_step(state, batch)
-      train.check_finite(step, metrics, state, manager, config.max_skipped_steps)
+      core.check_finite(step, metrics, state, manager, config.max_skipped_steps)
       if step % config.log_every == 0 or step == last:
         log.write(step, metrics)
-      if train.save_checkpoint(manager, state, step, step % config.checkpoint_every == 0 or
-                               step == last, preemption):
+      if core.save_checkpoint(manager, state, step, step % config.checkpoint_every == 0 or
+                              step == last, preemption):
         break
-      if (config.eval_every and step % config.eval_every == 0) or step == steps:
+      if config.eval_every and step % config.eval_every == 0 and step != steps:
         run_eval(step)
+    # The final evaluation comes after the final save, so it is recorded in eval.json: a run
+    # stopped in between finds its last step saved and no eval.json for it, and evaluates now.
+    if int(state.step) == steps and _final_eval_step(workdir) != steps:
+      result = run_eval(steps)
+      _write_json(workdir, "eval.json", {**result, "step": steps})
   finally:
     manager.wait_until_finished()
     manager.close()
     log.close()
     preemption.close()
   return state
+
+
+def _final_eval_step(workdir: str) -> Optional[int]:
+  try:
+    with open(os.path.join(workdir, "eval.json")) as f:
+      return json.load(f).get("step")
+  except (OSError, ValueError):
+    return None

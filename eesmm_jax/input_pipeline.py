@@ -3,9 +3,9 @@
 The flax `examples/imagenet` recipe (TFDS with `SkipDecoding`, fused `decode_and_crop_jpeg`,
 per-process splits), reshaped so that the stream is a pure function of (seed, step):
 
-* Folders and 'synthetic' are random access: the run's examples form one global stream, epoch
-  after epoch, and global position i holds example `index_shuffle(i % N, seed(e))` of epoch
-  e = i // N, augmented with stateless random ops seeded by (seed, i). Step k's global batch is
+* Folders (and `data`'s numpy 'synthetic' source) are random access: the run's examples form
+  one global stream, epoch after epoch, and global position i holds example
+  `index_shuffle(i % N, seed(e))` of epoch e = i // N, augmented with stateless random ops seeded by (seed, i). Step k's global batch is
   positions [k * B, (k + 1) * B) and process p takes rows [p * b, (p + 1) * b) of it, b = B / P.
   So the global batch of every step is the same on 1 process x 4 devices and on 2 x 2 (the
   processes read disjoint parts of every epoch), and resuming at step k starts at position k * B
@@ -25,9 +25,9 @@ per-process splits), reshaped so that the stream is a pure function of (seed, st
 
 Folders are checked once when listed (`list_folder`): zero-byte, truncated, corrupt and non-image
 files are logged by name and left out (`bad_images` returns them; the trainer writes their count
-to its metrics); the verdicts are kept in a manifest keyed by path, mtime and size, so a folder
-is read in full once. Grayscale, palette, CMYK, 16-bit and alpha images decode as RGB
-(`channels=3`).
+to its metrics); the verdicts are kept in a manifest keyed by path, mtime, size, mode, inode and
+ctime, so a folder is read in full once. Symbolic links are followed, each real directory
+once. Grayscale, palette, CMYK, 16-bit and alpha images decode as RGB (`channels=3`).
 
 Augmentation (SimMIM `data_simmim.py`): RandomResizedCrop(img_size, scale (0.67, 1), ratio (3/4,
 4/3)) with torchvision's sampling (10 tries, then a centre crop clamped to the ratio range),
@@ -43,6 +43,7 @@ batches with a 'mask', the same number of batches on every process.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import io
 import math
@@ -58,35 +59,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
+from eesmm_jax import data
+from eesmm_jax.data import MEAN_RGB, NAMED_DATASETS, STDDEV_RGB, default_data_config  # noqa: F401
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-NAMED_DATASETS = ("imagenet2012", "cifar10", "cifar100", "folder", "synthetic")
 _FOREVER = 2 ** 62  # the end of Dataset.range for unbounded streams
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """SimMIM's pretraining input at 192 px."""
-  c = ml_collections.ConfigDict()
-  # 'imagenet2012' | 'cifar10' | 'cifar100' | 'folder' | 'synthetic' | any TFDS image dataset by
-  # name, optionally written 'tfds:<name>' (e.g. 'tfds:oxford_flowers102').
-  c.dataset = "imagenet2012"
-  # TFDS data_dir (imagenet2012 needs it: manual download), or the image folder for 'folder':
-  # data_dir/split/<class>/<image> (ImageFolder layout, labelled) or a folder of images.
-  c.data_dir = ml_collections.config_dict.placeholder(str)
-  c.split = "train"
-  c.img_size = 192
-  c.crop_scale = (0.67, 1.0)
-  c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
-  c.shuffle_buffer = 10_000     # encoded examples per process (TFDS); folders shuffle fully
-  c.seed = 0
-  c.num_parallel_calls = -1     # -1 = tf.data.AUTOTUNE
-  c.cache = False               # keep the encoded examples in memory (TFDS: after the first epoch;
-                                # folders: every file read once at the start, so small ones only)
-  c.prefetch = -1               # batches; -1 = AUTOTUNE, 0 = none
-  c.synthetic_examples = 1_281_167  # the 'epoch' of 'synthetic' (ImageNet-1k train size)
-  c.eval_crop_pct = 0.875       # evaluation: resize to img_size / crop_pct, centre crop
-  return c
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -207,12 +184,19 @@ def _tfds_source(config, process_index, process_count, split=None, train=True) -
   return _Source(ds, n, int(config.shuffle_buffer))
 
 
+def open_source(config: ml_collections.ConfigDict, split: Optional[str] = None) -> data.Source:
+  """A folder or TFDS split, checked and sized once for a run (see `data.open_source`)."""
+  split = split or config.split
+  if config.dataset == "folder":
+    paths, labels, classes, bad = _list_and_check_folder(config.data_dir, split)
+    return data.Source(len(paths), bad, (paths, labels, classes))
+  return data.Source(_tfds_source(config, 0, 1, split, train=False).num_local)
+
+
 def check_data_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any compile, on a dataset that cannot be read: an unknown name, a
   missing data_dir, a folder without a readable image. Lists files; a folder's images are
   decoded once, on its first listing (then their verdicts are read from its manifest)."""
-  if config.dataset == "synthetic":
-    return
   if config.dataset == "folder":
     list_folder(config.data_dir, config.split)
     return
@@ -225,7 +209,9 @@ def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int
   The root is data_dir/split when that directory exists, else data_dir. A root with
   sub-directories is the ImageFolder layout: one class per sub-directory (sorted names, label =
   index), images found recursively below each. A root without them is a plain folder of images,
-  unlabelled. Files that do not decode are left out (see `bad_images`).
+  unlabelled. Files that do not decode are left out (see `bad_images`). Symbolic links are
+  followed, each real directory once (so a link to a parent is no loop), and an image reached
+  by several paths is listed once; a link that leads nowhere is a bad image.
   """
   paths, labels, classes, _ = _list_and_check_folder(data_dir, split)
   return paths, labels, classes
@@ -239,6 +225,88 @@ def bad_images(config: ml_collections.ConfigDict, split: Optional[str] = None
   return _list_and_check_folder(config.data_dir, split or config.split)[3]
 
 
+def _is_local(path: str) -> bool:
+  """False for the URLs tf.io.gfile reads (gs://, s3://, ram://): no symlinks there, and the
+  os module cannot read them."""
+  return "://" not in path
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+  """The folder is listed several times per run (config check, bad_images, the input): one
+  line per process for each thing found."""
+  if key not in _reported:
+    _reported.add(key)
+    logging.warning(message, *args)
+
+
+def _local_images(top: str, seen_dirs: set[str]) -> list[tuple[str, str]]:
+  """[(path, real path)] of the image files below `top`, recursively, sorted by path.
+
+  Directory links are followed once per real directory (`seen_dirs`, shared by the caller across
+  classes): os.walk/tf.io.gfile.walk follow a link to a parent until the path is too long (74
+  images once became 3,034 paths). Image-named links that lead nowhere (dangling, or a loop) are
+  kept, with real path None: check_images reports them as bad images, one line each.
+  """
+  found, queue = [], [(top, os.path.realpath(top))]
+  while queue:  # breadth first over sorted names: the same paths on every listing
+    d, real_d = queue.pop(0)
+    try:
+      with os.scandir(d) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+      if d == top:
+        raise ValueError(f"cannot list {d!r}: {e.strerror}") from e
+      _warn_once(d, "cannot list %s (%s): the images below it are left out", d, e.strerror)
+      continue
+    for e in entries:
+      path = os.path.join(d, e.name)
+      link = e.is_symlink()
+      real = os.path.realpath(path) if link else os.path.join(real_d, e.name)
+      try:
+        is_dir = e.is_dir()  # follows links
+      except OSError:  # a link loop (ELOOP): no directory
+        is_dir = False
+      if is_dir:
+        if real in seen_dirs:
+          _warn_once(path, "not following %s: it leads to %s, which is listed already (a "
+                     "symbolic link loop, or a second link to it)", path, real)
+        else:
+          seen_dirs.add(real)
+          queue.append((path, real))
+        continue
+      if link and not os.path.exists(path):
+        if e.name.lower().endswith(IMAGE_EXTENSIONS):
+          found.append((path, None))  # check_images says why
+        else:  # not an image by name, but it may have been meant as a directory of them
+          _warn_once(path, "ignoring %s: %s", path, _link_problem(path))
+        continue
+      if e.name.lower().endswith(IMAGE_EXTENSIONS):
+        found.append((path, real))
+  return sorted(found)
+
+
+def _link_problem(path: str) -> str:
+  """Why a path that os.stat cannot follow is not an image."""
+  try:
+    target = os.readlink(path)
+  except OSError as e:  # not a link: it vanished, or its directory is not searchable
+    return f"{_UNREADABLE} ({e.strerror})"
+  try:
+    os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return f"symbolic link loop (-> {target})"
+    return f"dangling symbolic link (-> {target}: {e.strerror})"
+  return f"symbolic link (-> {target})"
+
+
+def _is_local_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()
+  except OSError:  # a link loop
+    return False
+
+
 def _list_and_check_folder(data_dir, split):
   if not data_dir:
     raise ValueError("dataset 'folder' needs config.data_dir: a folder of JPEG/PNG images, or "
@@ -249,24 +317,58 @@ def _list_and_check_folder(data_dir, split):
   if not tf.io.gfile.isdir(root):
     root = data_dir
 
-  def images_below(d):
-    found = []
-    for dirpath, _, files in tf.io.gfile.walk(d):
-      found += [os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
+  if _is_local(root):
+    # Classes are the directories of the root (links to directories included). They and the
+    # root are marked seen first, so a link from one class into another (or up to the root)
+    # does not move the other's images into it.
+    try:
+      with os.scandir(root) as it:
+        entries = list(it)
+    except OSError as e:
+      raise ValueError(f"cannot list {root!r}: {e.strerror}") from e
+    classes = sorted(e.name for e in entries if _is_local_dir(e))
+    seen_dirs = {os.path.realpath(root)}
+    seen_dirs |= {os.path.realpath(os.path.join(root, c)) for c in classes}
+    if classes:
+      for e in entries:  # _local_images says this of the links in the classes
+        if e.is_symlink() and not os.path.exists(e.path):  # perhaps meant as a class
+          _warn_once(e.path, "ignoring %s: %s", e.path, _link_problem(e.path))
+      found = [(i, p, real) for i, c in enumerate(classes)
+               for p, real in _local_images(os.path.join(root, c), seen_dirs)]
+    else:  # a plain folder (no directories in it: nothing to descend into)
+      found = [(None, p, real) for p, real in _local_images(root, seen_dirs)]
+    # An image reached by several paths (links) is listed once, by the first path in listing
+    # order, so it is not seen more often than the others in every epoch.
+    seen_files, unique = set(), []
+    for i, p, real in found:
+      if real is None or real not in seen_files:
+        seen_files.add(real)
+        unique.append((i, p))
+    if len(unique) < len(found):
+      _warn_once(f"duplicates:{root}", "%d files in %s are reached by more than one path "
+                 "(symbolic links): each is listed once", len(found) - len(unique), root)
+    paths = [p for _, p in unique]
+    labels = [i for i, _ in unique] if classes else None
+  else:  # gs:// and other tf.io.gfile file systems: no links to follow
+    def images_below(d):
+      found = []
+      for dirpath, _, files in tf.io.gfile.walk(d):
+        found += [os.path.join(dirpath, f) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+      return sorted(found)
 
-  classes = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, e)))
-  if classes:
-    paths, labels = [], []
-    for i, c in enumerate(classes):
-      found = images_below(os.path.join(root, c))
-      paths += found
-      labels += [i] * len(found)
-  else:
-    paths = sorted(os.path.join(root, f) for f in tf.io.gfile.listdir(root)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    labels = None
+    classes = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(root)
+                     if tf.io.gfile.isdir(os.path.join(root, e)))
+    if classes:
+      paths, labels = [], []
+      for i, c in enumerate(classes):
+        found = images_below(os.path.join(root, c))
+        paths += found
+        labels += [i] * len(found)
+    else:
+      paths = sorted(os.path.join(root, f) for f in tf.io.gfile.listdir(root)
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+      labels = None
   if not paths:
     raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root!r}")
   problems = check_images(root, paths)
@@ -281,9 +383,12 @@ def _list_and_check_folder(data_dir, split):
   return paths, labels, classes, bad
 
 
-# A folder's verdicts, one line per file: mtime_ns, size, problem ('' = readable), relative path.
+# A folder's verdicts: a header naming the format, then one line per file: mtime_ns, size,
+# st_mode, inode, ctime_ns, problem ('' = readable), relative path.
 IMAGE_CHECK_FILE = ".eesmm_image_check.tsv"
-_manifests: dict[str, dict[str, tuple[int, int, str]]] = {}  # read once per process
+_MANIFEST_HEADER = "# eesmm_jax image check v2: mtime_ns size mode inode ctime_ns problem path"
+_UNREADABLE = "cannot read the file"  # verdicts about access, not content: never reused
+_manifests: dict[str, dict[str, tuple]] = {}  # read once per process
 _reported: set[str] = set()
 
 
@@ -296,10 +401,16 @@ def image_problem(path: str) -> str:
   """
   from PIL import Image  # pillow is a dependency; imported where used, like the demo data
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      data = f.read()
+    if _is_local(path):
+      with open(path, "rb") as f:
+        data = f.read()
+    else:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+  except OSError as e:
+    return f"{_UNREADABLE} ({e.strerror or e})"
   except tf.errors.OpError as e:
-    return f"cannot read the file ({e.message})"
+    return f"{_UNREADABLE} ({e.message})"
   if not data:
     return "empty file (0 bytes)"
   try:
@@ -323,20 +434,33 @@ def _manifest_paths(root: str) -> list[str]:
   return [os.path.join(root, IMAGE_CHECK_FILE), cache]
 
 
-def _read_manifest(path: str) -> dict[str, tuple[int, int, str]]:
+def _read_manifest(path: str) -> dict[str, tuple]:
+  """{relative path: (mtime_ns, size, mode, inode, ctime_ns, problem)}; {} for a manifest of
+  another format (an older one is keyed by mtime and size only: its files are checked again)."""
   if path not in _manifests:
     entries = {}
-    if tf.io.gfile.exists(path):
-      with tf.io.gfile.GFile(path, "r") as f:
-        for line in f:
-          mtime, size, problem, rel = line.rstrip("\n").split("\t", 3)
-          entries[rel] = (int(mtime), int(size), problem)
+    try:
+      if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path, "r") as f:
+          lines = f.read().split("\n")
+        if lines[0] == _MANIFEST_HEADER:
+          for line in lines[1:]:
+            fields = line.split("\t", 6)
+            if len(fields) == 7:  # a torn or hand-edited line only costs its file a check
+              *key, problem, rel = fields
+              try:
+                entries[rel] = tuple(map(int, key)) + (problem,)
+              except ValueError:
+                pass
+    except (OSError, tf.errors.OpError, UnicodeDecodeError) as e:
+      logging.warning("cannot read the image check manifest %s (%s): checking again", path, e)
     _manifests[path] = entries
   return _manifests[path]
 
 
 def _write_manifest(candidates: list[str], entries: dict) -> None:
-  text = "".join(f"{m}\t{s}\t{p}\t{rel}\n" for rel, (m, s, p) in sorted(entries.items()))
+  text = _MANIFEST_HEADER + "\n" + "".join(
+      "\t".join(map(str, entry)) + f"\t{rel}\n" for rel, entry in sorted(entries.items()))
   for path in candidates:
     tmp = f"{path}.tmp.{os.getpid()}"  # several processes may write the same verdicts at once
     try:
@@ -353,29 +477,57 @@ def _write_manifest(candidates: list[str], entries: dict) -> None:
                   "checked again next time", candidates)
 
 
+def _readable(path: str) -> bool:
+  """Whether this process may open `path` now: permissions, ACLs and group membership change
+  without touching the file's contents, so a cached 'readable' is confirmed on every listing
+  (an open, no read). os.access would ask with the real uid, not the effective one."""
+  try:
+    with open(path, "rb"):
+      return True
+  except OSError:
+    return False
+
+
 def check_images(root: str, paths: list[str]) -> dict[str, str]:
   """{path: problem ('' = readable)} for images below `root`; each file is decoded once, its
-  verdict kept in the manifest (keyed by mtime and size) and reused while the file is unchanged.
-  Every unreadable file is logged once per process, by name."""
+  verdict kept in the manifest and reused while the file is unchanged. Every unreadable file is
+  logged once per process, by name.
+
+  A verdict is keyed by the file's mtime and size (its content), and by its mode bits, inode
+  and ctime (chmod, chown and ACL changes move the ctime; a replaced file has a new inode), so
+  a change of permissions is judged again. A cached 'readable' of a local file is confirmed by
+  opening it, and a failure to read is never reused: both can change with nothing on the file changing
+  (group membership, a remounted share). Links that lead nowhere are bad images too; their
+  verdicts are not kept (nothing to key them by)."""
   candidates = _manifest_paths(root)
   known = next((m for m in map(_read_manifest, candidates) if m), {})
+  local = _is_local(root)
 
   def verdict(path):
     rel = os.path.relpath(path, root)
-    st = tf.io.gfile.stat(path)
-    key = (int(st.mtime_nsec), int(st.length))
-    if rel in known and known[rel][:2] == key:
-      return rel, known[rel], False
-    problem = image_problem(path) if st.length else "empty file (0 bytes)"
-    return rel, key + (re.sub(r"\s+", " ", problem),), True
+    if local:
+      try:
+        st = os.stat(path)
+      except OSError:  # a dangling link or a link loop (or the file went)
+        return rel, None, _link_problem(path)
+      key = (st.st_mtime_ns, st.st_size, st.st_mode, st.st_ino, st.st_ctime_ns)
+    else:  # no mode, inode or ctime in tf.io.gfile's stat
+      st = tf.io.gfile.stat(path)
+      key = (int(st.mtime_nsec), int(st.length), 0, 0, 0)
+    cached = known.get(rel)
+    if cached is not None and cached[:5] == key and not cached[5].startswith(_UNREADABLE):
+      if cached[5] or not local or _readable(path):
+        return rel, cached, cached[5]
+    problem = image_problem(path) if key[1] else "empty file (0 bytes)"
+    problem = re.sub(r"\s+", " ", problem)
+    return rel, key + (problem,), problem
 
   with concurrent.futures.ThreadPoolExecutor(min(32, 2 * (os.cpu_count() or 1))) as pool:
     results = list(pool.map(verdict, paths))
-  entries = {rel: entry for rel, entry, _ in results}
-  checked = sum(new for *_, new in results)
-  if checked or entries.keys() != known.keys():
+  entries = {rel: entry for rel, entry, _ in results if entry is not None}
+  if entries != known:
     _write_manifest(candidates, entries)
-  problems = {p: entry[2] for p, (_, entry, _) in zip(paths, results)}
+  problems = {p: problem for p, (_, _, problem) in zip(paths, results)}
   bad = [p for p in paths if problems[p]]
   new_bad = [p for p in bad if p not in _reported]
   for p in new_bad:
@@ -407,60 +559,43 @@ def _hide_accelerators_from_tf():
     pass
 
 
-def _process(process_index, process_count):
-  if process_index is None or process_count is None:
-    import jax  # only here: the tf.data graph itself does not need JAX
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
-  return process_index, process_count
-
-
 def _autotune(n: int) -> int:
   return tf.data.AUTOTUNE if n == -1 else int(n)
 
 
 def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
                           start_step: int = 0, *, process_index: Optional[int] = None,
-                          process_count: Optional[int] = None, view=None) -> tf.data.Dataset:
+                          process_count: Optional[int] = None, view=None,
+                          source: Optional[data.Source] = None) -> tf.data.Dataset:
   """The infinite per-process dataset of batches from `start_step` on (see the module docstring).
 
   Elements: {'image': float32 [global_batch // process_count, img_size, img_size, 3],
   'label': int32 [b] when the source has labels}. `view(raw_bytes, seed) -> image` replaces
   SimMIM's augmentation (fine-tuning passes its own); the stream and its seeds are the same.
+  `source`: the run's `open_source(config)`, whose folder listing is then used as it is.
   """
-  process_index, process_count = _process(process_index, process_count)
-  if global_batch % process_count:
-    raise ValueError(f"global_batch {global_batch} is not divisible by process_count "
-                     f"{process_count}")
+  first, local_batch = data.process_rows(global_batch, process_index, process_count)
+  process_index, process_count = first // local_batch, global_batch // local_batch
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  local_batch = global_batch // process_count
+  if config.dataset == "synthetic":
+    raise ValueError("the 'synthetic' source is numpy: use data.create_pretrain_iterator")
   _hide_accelerators_from_tf()
   options = tf.data.Options()
   options.deterministic = True
 
-  size, seed = int(config.img_size), int(config.seed)
+  size = int(config.img_size)
   if view is None:
     scale, ratio = tuple(config.crop_scale), tuple(config.crop_ratio)
     view = lambda raw, example_seed: augment(raw, example_seed, size, scale, ratio)
   parallel = _autotune(config.num_parallel_calls)
-  if config.dataset in ("synthetic", "folder"):
+  if config.dataset == "folder":
     # This process's rows of each global batch, as positions in the global stream.
-    first = process_index * local_batch
     positions = tf.data.Dataset.range(start_step, _FOREVER).flat_map(
         lambda k: tf.data.Dataset.range(k * global_batch + first,
                                         k * global_batch + first + local_batch))
-    if config.dataset == "synthetic":
-      def example(i):
-        s_img, s_lab = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in([seed, 0], i), 2))
-        return {"image": tf.random.stateless_normal([size, size, 3], s_img),
-                "label": tf.random.stateless_uniform([], s_lab, 0, 1000, tf.int32)}
-    else:
-      example = _folder_examples(config, view)
-    ds = positions.map(example, num_parallel_calls=parallel)
+    listing = source.listing if source else list_folder(config.data_dir, config.split)
+    ds = positions.map(_folder_examples(config, view, listing), num_parallel_calls=parallel)
   else:
     ds = _tfds_stream(config, process_index, process_count, start_step * local_batch, view,
                       parallel)
@@ -470,9 +605,9 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
   return ds.with_options(options)
 
 
-def _folder_examples(config, view):
+def _folder_examples(config, view, listing):
   """Global stream position -> augmented example of a folder (the module docstring's order)."""
-  paths, labels, _ = list_folder(config.data_dir, config.split)
+  paths, labels, _ = listing
   n = len(paths)
   table = tf.constant(paths)
   if config.cache:  # every file read once, in parallel; the bytes stay in memory
@@ -521,7 +656,8 @@ def _tfds_stream(config, process_index, process_count, position, view, parallel)
 
 
 def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: int,
-                             start_step: int = 0, *, process_index: Optional[int] = None,
+                             start_step: int = 0, *, source: Optional[data.Source] = None,
+                             process_index: Optional[int] = None,
                              process_count: Optional[int] = None) -> Iterator[dict]:
   """Numpy batches of this process, batch k of the run first when start_step = k.
 
@@ -529,8 +665,11 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: in
   saved its step k resumes with the batches it would have seen: pass start_step=k.
   process_index / process_count default to JAX's (pass them to simulate other processes).
   """
+  if config.dataset == "synthetic":
+    return data.synthetic_batches(config, global_batch, start_step, process_index=process_index,
+                                  process_count=process_count)
   ds = make_pretrain_dataset(config, global_batch, start_step, process_index=process_index,
-                             process_count=process_count)
+                             process_count=process_count, source=source)
   return ds.as_numpy_iterator()
 
 
@@ -556,13 +695,10 @@ def create_eval_iterator(config: ml_collections.ConfigDict, global_batch: int,
   ones are padded with zero images, and 'mask' (bool [b]) is False on padding, so every real
   example is counted once. Elements: {'image', 'mask', 'label' when the source has labels}.
   """
-  process_index, process_count = _process(process_index, process_count)
-  if global_batch % process_count:
-    raise ValueError(f"global_batch {global_batch} is not divisible by process_count "
-                     f"{process_count}")
+  first, local_batch = data.process_rows(global_batch, process_index, process_count)
+  process_index, process_count = first // local_batch, global_batch // local_batch
   if config.dataset == "synthetic":
     raise ValueError("dataset 'synthetic' has no evaluation split")
-  local_batch = global_batch // process_count
   _hide_accelerators_from_tf()
   split = split or config.split
   if config.dataset == "folder":
@@ -598,7 +734,7 @@ def num_examples(config: ml_collections.ConfigDict, split: Optional[str] = None)
   Steps per epoch = this // global_batch.
   """
   if config.dataset == "synthetic":
-    return int(config.synthetic_examples)
+    return data.num_examples(config)
   if config.dataset == "folder":
     return len(list_folder(config.data_dir, split or config.split)[0])
   return _tfds_source(config, 0, 1, split, train=False).num_local

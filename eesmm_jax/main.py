@@ -9,7 +9,10 @@ environment and joined with `jax.distributed.initialize()` before JAX touches a 
 
 import os
 
-from absl import app, flags, logging
+# TensorFlow's C++ start-up lines stay out of the console unless asked for (before TF loads).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
@@ -42,11 +45,14 @@ def initialize_distributed() -> None:
 def main(argv):
   del argv
   import jax
+  if not FLAGS["verbosity"].present:
+    # The console is the progress line; library INFO logs (Orbax's) with --verbosity=0.
+    logging.set_verbosity(logging.WARNING)
   if launched_as_several_processes():
     initialize_distributed()
-  logging.info("process %d/%d, %d local / %d global devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].device_kind)
+  if jax.process_index() == 0:
+    print(f"{jax.process_count()} process(es), {jax.device_count()} devices "
+          f"({jax.devices()[0].device_kind})", flush=True)
   mode = FLAGS.config.get("mode", "pretrain")
   if mode == "pretrain":
     from eesmm_jax import train

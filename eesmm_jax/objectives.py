@@ -280,7 +280,8 @@ def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Calla
     inputs [B, H, W, C]  (the blend fed to the encoder),
     token_mask [B, h, w], masks [B, n, h, w] (1 = masked, per component),
     targets, predictions [B, n, H, W, C] (component order), assignment [B, n] (slot per
-    component).
+    component),
+    metrics              (the scalars the trainer logs: loss_component_k, loss_mix).
   """
   check_objective_config(config)
   n = config.num_mix
@@ -342,6 +343,10 @@ def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Calla
                                    config.loss_type)
       aux["loss_mix"] = masked_reconstruction_loss(mix_sums, hidden, in_chans)[0]
       loss = loss + config.mix_loss_weight * aux["loss_mix"]
+    # What the trainer logs beside the loss (core.make_train_step).
+    aux["metrics"] = {f"loss_component_{k}": per_component[k] for k in range(n)}
+    if "loss_mix" in aux:
+      aux["metrics"]["loss_mix"] = aux["loss_mix"]
     return loss, aux
 
   return loss_fn

@@ -59,7 +59,6 @@ def default_optim_config() -> ml_collections.ConfigDict:
   c.multistep_milestones = (700,)  # epochs; only read by 'multistep' (SimMIM 800-epoch recipe)
   c.multistep_gamma = 0.1
   c.accum_steps = 1
-  c.depths = (2, 2, 18, 2)  # Swin stage depths, for the layer ids of the layer-wise lr decay
   return c
 
 
@@ -109,7 +108,7 @@ def swin_layer_id(path: PathLike, depths: Sequence[int]) -> int:
   where = "/".join(path_names(path))
   if i >= len(depths):
     raise ValueError(f"parameter {where} names stage {i} but depths={depths} has {len(depths)} "
-                     "stages: set the optimizer config's depths to the model's")
+                     "stages: the params are not this Swin's")
   sub = names[1] if len(names) > 1 else ""
   if sub == "downsample":
     return sum(depths[:i + 1])
@@ -212,19 +211,21 @@ def make_schedule(config: ml_collections.ConfigDict, global_batch: int,
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params_or_shapes: Any, global_batch: int,
-                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   steps_per_epoch: int, depths: Sequence[int]
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule_fn) for SimMIM pretraining or fine-tuning.
 
   params_or_shapes: the params (or `jax.eval_shape` of them), bare Swin or {'encoder', 'decoder'};
     read to check the layer ids against `config.depths` before any step runs.
   global_batch: images in one forward pass over all processes (before accumulation).
   steps_per_epoch: forward passes (micro-batches of global_batch) per epoch.
+  depths: the Swin's stage depths (the model's, never a config's copy), for the layer ids.
   schedule_fn maps the optimizer-update count (micro-step // accum_steps) to the base lr; the
   parameters of layer id l are updated with schedule_fn(t) * `layer_scale(l)`.
   `update` needs `params` (weight decay, layer labels).
   """
   schedule = make_schedule(config, global_batch, steps_per_epoch)
-  depths = tuple(int(d) for d in config.depths)
+  depths = tuple(int(d) for d in depths)
   # Raises on a depths / params mismatch here rather than at the first traced update.
   layer_decay_scales(params_or_shapes, depths, config.layer_decay)
 
@@ -272,8 +273,6 @@ def _check_config(c: ml_collections.ConfigDict) -> None:
     bad("warmup_epochs", f"must be in [0, epochs={c.epochs}] (the warm-up cannot outlast the run)")
   if int(c.accum_steps) != c.accum_steps or c.accum_steps < 1:
     bad("accum_steps", "must be an integer >= 1")
-  if not c.depths or any(int(d) != d or d < 1 for d in c.depths):
-    bad("depths", "must be positive integers, one per Swin stage, e.g. (2, 2, 18, 2)")
   if c.schedule == "multistep":
     ms = list(c.multistep_milestones)
     if not ms or ms != sorted(ms) or ms[0] < c.warmup_epochs or ms[-1] > c.epochs:

@@ -6,9 +6,9 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from eesmm_jax.input_pipeline import MEAN_RGB, STDDEV_RGB
+from eesmm_jax.data import MEAN_RGB, STDDEV_RGB
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -16,10 +16,25 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
   return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def _labelled(grid: np.ndarray, labels: list[str], tile_w: int, row_labels: list[str],
+              tile_h: int) -> np.ndarray:
+  """A header row naming the columns and a left margin naming the rows, in black on white."""
+  top, left = 14, 8 * max(len(r) for r in row_labels) + 6
+  canvas = Image.new("RGB", (grid.shape[1] + left, grid.shape[0] + top), "white")
+  canvas.paste(Image.fromarray(grid), (left, top))
+  draw = ImageDraw.Draw(canvas)
+  for c, label in enumerate(labels):
+    draw.text((left + c * tile_w + 2, 1), label, fill="black")
+  for r, label in enumerate(row_labels):
+    draw.text((2, top + r * tile_h + tile_h // 2 - 5), label, fill="black")
+  return np.asarray(canvas)
+
+
 def reconstruction_grid(aux: dict, max_rows: int = 4) -> np.ndarray:
-  """One row per blended sample: the n originals, the blended masked input, then the n
-  reconstructions (predicted pixels where component k is masked, its visible pixels elsewhere,
-  as SimMIM's figures show). uint8 [rows * H, (2n + 1) * W, 3]."""
+  """Two rows per blended sample, columns: the n originals, the blended masked input, the n
+  reconstructions. Row 'raw': the decoder's output everywhere. Row 'pasted': each original with
+  its masked blocks greyed, and each reconstruction with the visible pixels pasted over it (as
+  MAE's figures show). Labelled; uint8 [H', W', 3]."""
   aux = jax.device_get(aux)
   targets, preds, inputs = aux["targets"], aux["predictions"], aux["inputs"]
   masks = aux["masks"]
@@ -27,14 +42,21 @@ def reconstruction_grid(aux: dict, max_rows: int = 4) -> np.ndarray:
   rows = min(rows, max_rows)
   scale = h // masks.shape[-1]
   pix = np.repeat(np.repeat(masks, scale, axis=-2), scale, axis=-1)[..., None]
-  tiles = []
+  grey = np.zeros_like(targets[0, 0])  # the normalised mean: grey once shown
+  tiles, row_labels = [], []
   for b in range(rows):
-    row = [targets[b, k] for k in range(n)] + [inputs[b]]
-    row += [np.where(pix[b, k] > 0, preds[b, k], targets[b, k]) for k in range(n)]
-    tiles.append(np.concatenate([_to_uint8(t) for t in row], axis=1))
+    raw = [targets[b, k] for k in range(n)] + [inputs[b]] + [preds[b, k] for k in range(n)]
+    pasted = ([np.where(pix[b, k] > 0, grey, targets[b, k]) for k in range(n)] + [inputs[b]] +
+              [np.where(pix[b, k] > 0, preds[b, k], targets[b, k]) for k in range(n)])
+    for row, name in ((raw, "raw"), (pasted, "pasted")):
+      tiles.append(np.concatenate([_to_uint8(t) for t in row], axis=1))
+      row_labels.append(f"{b} {name}")
   grid = np.concatenate(tiles, axis=0)
   zoom = max(1, 96 // h)  # small images (the demo's 32 px digits) are enlarged to be seen
-  return np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
+  grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
+  labels = ([f"original {k + 1}" for k in range(n)] + ["masked blend"] +
+            [f"recon {k + 1}" for k in range(n)])
+  return _labelled(grid, labels, w * zoom, row_labels, h * zoom)
 
 
 def write_reconstructions(workdir: str, step: int, aux: dict, writer=None) -> str:

@@ -26,5 +26,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 python -c "import jax; n = jax.device_count(); assert n == 4 or '${EESMM_ANY_GPUS:-0}' == '1', f'JAX sees {n} GPUs: {jax.devices()}'"
-# Overrides must follow --config (absl), so the dtype comes last.
-exec python -m eesmm_jax.main "$@" --config.dtype=float16
+# float16 by default; a --config.dtype of the user's own, later on the line, wins.
+. launch/lib.sh
+with_config_default dtype=float16 "$@"
+exec python -m eesmm_jax.main "${ARGS[@]}"

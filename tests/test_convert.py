@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import traverse_util
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 from eesmm_jax import convert
@@ -38,7 +39,7 @@ def random_params(model, seed=0):
 
 
 def assert_trees_equal(a, b):
-  fa, fb = convert._flatten(a), convert._flatten(b)
+  fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))

@@ -18,7 +18,7 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from eesmm_jax import convert, finetune, finetune_input, input_pipeline, train
+from eesmm_jax import convert, core, finetune, finetune_input, input_pipeline
 from eesmm_jax.models import swin
 from tests.test_train import set_keys
 
@@ -104,7 +104,7 @@ def test_eval_counts_every_example_once_over_two_processes(folder):
   config = tiny_config(folder)
   model = finetune.create_classifier(config, 10)
   params = finetune.initial_params(config, model, jax.random.key(0))
-  mesh = train.make_mesh()
+  mesh = core.make_mesh()
   eval_step = jax.jit(finetune.make_eval_step(model))
 
   # Two processes' padded streams, joined as make_array_from_process_local_data joins them.
@@ -211,7 +211,7 @@ def test_command_line_finetune_then_eval_and_probe(folder, tmp_path):
   """Fine-tunes 2 steps through the CLI (2 devices), then evaluates and probes its workdir."""
   workdir = tmp_path / "ft"
   cmd = [sys.executable, "-m", "eesmm_jax.main", "--config",
-         os.path.join(ROOT, "configs/finetune_cifar10.py"), "--workdir", str(workdir),
+         os.path.join(ROOT, "configs/finetune_cifar.py") + ":cifar10", "--workdir", str(workdir),
          "--config.data.dataset=folder", f"--config.data.data_dir={folder}",
          "--config.data.eval_split=test", "--config.img_size=32", "--config.model.name=swin_tiny",
          "--config.model.patch_size=2", "--config.model.window_size=4",
@@ -240,3 +240,24 @@ def test_command_line_finetune_then_eval_and_probe(folder, tmp_path):
                         str(tmp_path / "probe"))
   assert probed["count"] == 13 and 0 <= probed["top1"] <= 1
   assert json.load(open(tmp_path / "probe" / "probe.json"))["top1"] == probed["top1"]
+
+
+def test_a_run_stopped_between_its_last_save_and_evaluation_evaluates_on_restart(
+    folder, tmp_path, monkeypatch):
+  config = tiny_config(folder, total_steps=2, checkpoint_every=2)
+  real = finetune.evaluate
+
+  def killed(*args, **kw):
+    raise KeyboardInterrupt("killed after the last save")
+
+  monkeypatch.setattr(finetune, "evaluate", killed)
+  with pytest.raises(KeyboardInterrupt):
+    finetune.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  assert not (tmp_path / "eval.json").exists()
+
+  monkeypatch.setattr(finetune, "evaluate", real)
+  state = finetune.run(config, str(tmp_path))
+  assert int(state.step) == 2  # no step retrained
+  result = json.load(open(tmp_path / "eval.json"))
+  assert result["step"] == 2 and result["count"] == 13

@@ -97,7 +97,7 @@ def small_tree(seed):
 
 def config(**kw):
   c = optim.default_optim_config()
-  c.update({**dict(depths=(2, 1), epochs=10, warmup_epochs=2), **kw})
+  c.update({**dict(epochs=10, warmup_epochs=2), **kw})
   return c
 
 
@@ -189,7 +189,7 @@ def test_bad_config_values_are_named(key, value, match):
   c = config(epochs=100)
   c[key] = value
   with pytest.raises(ValueError, match=match):
-    optim.make_optimizer(c, small_tree(0), 512, 10)
+    optim.make_optimizer(c, small_tree(0), 512, 10, depths=(2, 1))
 
 
 def test_bad_milestones_and_depths():
@@ -197,7 +197,7 @@ def test_bad_milestones_and_depths():
   with pytest.raises(ValueError, match="multistep_milestones"):
     optim.make_schedule(c, 512, 10)
   with pytest.raises(ValueError, match="depths"):
-    optim.make_optimizer(config(depths=(1,)), small_tree(0), 512, 10)
+    optim.make_optimizer(config(), small_tree(0), 512, 10, depths=(1,))
 
 
 # ----------------------------------------------------------------------------- updates
@@ -206,7 +206,7 @@ def test_layer_decay_equals_per_group_adamw():
   params = small_tree(0)
   grads = [small_tree(10 + i) for i in range(3)]
   c = config(layer_decay=0.75, clip_grad=0.0, weight_decay=0.05)
-  tx, sched = optim.make_optimizer(c, params, global_batch=64, steps_per_epoch=4)
+  tx, sched = optim.make_optimizer(c, params, global_batch=64, steps_per_epoch=4, depths=(2, 1))
 
   @jax.jit
   def ours(params, grads):
@@ -256,7 +256,7 @@ def test_multisteps_accumulation_equals_big_batch_step():
   data = jnp.asarray(np.random.default_rng(1).standard_normal((8, 5)), jnp.float32)
   grad = jax.grad(lambda p, x: jnp.mean(x @ p["w"] + p["b"]))
 
-  acc, _ = optim.make_optimizer(config(depths=(1,), accum_steps=2), params, 4, 20)
+  acc, _ = optim.make_optimizer(config(accum_steps=2), params, 4, 20, depths=(1,))
   state, p = acc.init(params), params
   for i, x in enumerate((data[:4], data[4:])):
     u, state = jax.jit(acc.update)(grad(p, x), state, p)
@@ -264,7 +264,7 @@ def test_multisteps_accumulation_equals_big_batch_step():
     if i == 0:  # nothing applied until the last micro-batch
       assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(u))
 
-  big, _ = optim.make_optimizer(config(depths=(1,)), params, 8, 10)
+  big, _ = optim.make_optimizer(config(), params, 8, 10, depths=(1,))
   u, _ = jax.jit(big.update)(grad(params, data), big.init(params), params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                p, optax.apply_updates(params, u))
@@ -273,8 +273,8 @@ def test_multisteps_accumulation_equals_big_batch_step():
 def test_clipping_to_global_norm_5():
   params = {"w": jnp.ones((4, 4))}
   g = {"w": jnp.full((4, 4), 10.0)}  # global norm 40
-  clipped, _ = optim.make_optimizer(config(depths=(1,), clip_grad=5.0), params, 512, 10)
-  plain, _ = optim.make_optimizer(config(depths=(1,), clip_grad=0.0), params, 512, 10)
+  clipped, _ = optim.make_optimizer(config(clip_grad=5.0), params, 512, 10, depths=(1,))
+  plain, _ = optim.make_optimizer(config(clip_grad=0.0), params, 512, 10, depths=(1,))
   # Adam normalises the first step away; compare the second step after a small gradient.
   small = {"w": jnp.full((4, 4), 0.1)}
   def two_steps(tx, g1):

@@ -14,8 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from eesmm_jax import config as config_lib
-from eesmm_jax import convert, input_pipeline, train
+from eesmm_jax import convert, core, data, plan, train
 from tests.test_train import ROOT, losses, saved_params, tiny_config
 
 CLI_FLAGS = ["--config.img_size=32", "--config.model.patch_size=2", "--config.model.window_size=4",
@@ -128,6 +127,7 @@ BAD_CONFIGS = [
      r"warmup_epochs=10.0 is invalid: .*the warm-up cannot outlast the run"),
     ({"objective.head": "merge"}, r"objective.head must be one of \('split', 'subtract'\)"),
     ({"dtype": "float64"}, r"config.dtype must be one of"),
+    ({"init_from": "/nonexistent.pth"}, r"config.init_from='/nonexistent.pth' does not exist"),
 ]
 
 
@@ -135,14 +135,14 @@ BAD_CONFIGS = [
                          ids=[",".join(o) for o, _ in BAD_CONFIGS])
 def test_bad_config_is_refused_with_a_clear_error(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(tiny_config(**overrides), str(tmp_path), num_devices=8)
+    plan.pretraining(tiny_config(**overrides), core.make_mesh(), str(tmp_path))
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(ValueError, match=r"--workdir .*a_file/run' is not writable"):
-    config_lib.validate(tiny_config(), str(blocker / "run"), num_devices=8)
+    plan.pretraining(tiny_config(), core.make_mesh(), str(blocker / "run"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 def poison_batches(monkeypatch, from_step, until_step=None):
   """Batches from_step..until_step (1-based) are NaN, as a corrupt input or a blow-up would be."""
-  real = input_pipeline.create_pretrain_iterator
+  real = data.create_pretrain_iterator
 
   def fake(config, global_batch, start_step=0, **kw):
     for i, batch in enumerate(real(config, global_batch, start_step, **kw), start=start_step + 1):
@@ -159,13 +159,13 @@ def poison_batches(monkeypatch, from_step, until_step=None):
         batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
       yield batch
 
-  monkeypatch.setattr(input_pipeline, "create_pretrain_iterator", fake)
+  monkeypatch.setattr(data, "create_pretrain_iterator", fake)
 
 
 def test_float32_run_stops_at_a_non_finite_step_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch):
   poison_batches(monkeypatch, from_step=3)
-  with pytest.raises(train.NonFiniteError, match=r"step 3: the loss or the gradients are not "
+  with pytest.raises(core.NonFiniteError, match=r"step 3: the loss or the gradients are not "
                      r"finite .*last good checkpoint \(step 2\)"):
     train.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every=2), str(tmp_path))
   with ocp.CheckpointManager(tmp_path / "checkpoints") as mngr:
@@ -184,7 +184,7 @@ def test_float16_skips_a_non_finite_step_and_stops_after_too_many(tmp_path, monk
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
 
   poison_batches(monkeypatch, from_step=2)
-  with pytest.raises(train.NonFiniteError, match=r"step \d+: 4 fp16 steps in a row overflowed .*No checkpoint was saved yet"):
+  with pytest.raises(core.NonFiniteError, match=r"step \d+: 4 fp16 steps in a row overflowed .*No checkpoint was saved yet"):
     train.train_and_evaluate(tiny_config(total_steps=8, dtype="float16", max_skipped_steps=3),
                              str(tmp_path / "many"))
 
@@ -205,7 +205,7 @@ def test_resuming_another_models_checkpoint_names_the_first_mismatch(tmp_path):
 def test_init_from_another_models_weights_names_the_parameter_and_shapes(tmp_path):
   import torch
   other = tiny_config(**{"model.embed_dim": 24, "model.num_heads": (2, 4)})
-  encoder = train.create_encoder(other, num_classes=0, use_mask_token=True)
+  encoder = core.create_encoder(other, num_classes=0, use_mask_token=True)
   params = encoder.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))["params"]
   state = convert.flax_to_torch(params, encoder, layout="timm")
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},

@@ -16,7 +16,7 @@ import pytest
 from flax.training.dynamic_scale import DynamicScale
 from PIL import Image
 
-from eesmm_jax import train
+from eesmm_jax import core, train
 from tests.test_train import ROOT, losses, tiny_config
 
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
@@ -126,11 +126,11 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
 
   tx = optax.adam(1e-2)
   params = {"w": jnp.ones((4,), jnp.float32)}
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = core.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
                            dynamic_scale=DynamicScale(scale=2.0 ** 15),
                            skipped_in_a_row=jnp.zeros((), jnp.int32))
-  step = jax.jit(train.make_train_step(loss_fn, tx, lambda _: 1e-2, accum_steps=1))
+  step = jax.jit(core.make_train_step(loss_fn, tx, lambda _: 1e-2, accum_steps=1))
 
   # The forward is finite (100^2 < 65504); the scaled gradient 2^15 * 2 * 100 / 8 is not.
   big = jnp.full((2, 4), 100.0)

@@ -6,7 +6,8 @@ so that `eesmm_jax.convert` is a short renaming table. The downsample sits at th
 0..n-2 as in the official code (timm >= 0.9 puts it at the start of the next stage; the converter
 moves it).
 
-Numerics that must match the reference (see shared/paper/REFERENCE-FACTS.md): exact-erf GELU,
+Numerics that must match the reference (microsoft/Swin-Transformer `models/swin_transformer.py`
+and timm's `swin_transformer.py`, which tests/test_swin_parity.py compares against): exact-erf GELU,
 LayerNorm eps 1e-5, -100 in the shifted-window mask, window partition order, PatchMerging concat
 order (x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]), and no shift when the feature map
 is not larger than the window.

@@ -1,7 +1,8 @@
-"""Linear probe of a pretrained encoder on CIFAR-100: frozen features, a linear classifier.
+"""Linear probe of a pretrained encoder on CIFAR-10 or CIFAR-100 (arg: cifar10, the default, or
+cifar100): frozen features, a linear classifier.
 
 Run after a pretraining (init_from: its workdir, a SimMIM .pth or a convert dir):
-  python -m eesmm_jax.main --config configs/linear_probe_cifar100.py --workdir $WORK/probe_c100 \
+  python -m eesmm_jax.main --config configs/linear_probe_cifar.py:cifar10 --workdir $WORK/probe_c10 \
       --config.init_from=$WORK/eesmm_b192
 
 The encoder's pooled features of the 50,000 training and 10,000 test images (centre view, no
@@ -16,16 +17,20 @@ images: minutes on one GPU).
 
 from eesmm_jax.finetune import finetune_config
 
+CLASSES = {"cifar10": 10, "cifar100": 100}
 
-def get_config():
+
+def get_config(dataset="cifar10"):
+  if dataset not in CLASSES:
+    raise ValueError(f"linear_probe_cifar.py:{dataset}: choose one of {sorted(CLASSES)}")
   c = finetune_config()
   c.mode = "probe"
   c.img_size = 192
   c.model.name = "swin_base"
   c.model.window_size = 6
   c.model.drop_path_rate = 0.0
-  c.model.num_classes = 100
-  c.data.dataset = "cifar100"
+  c.model.num_classes = CLASSES[dataset]
+  c.data.dataset = dataset
   c.data.split, c.data.eval_split = "train", "test"
   c.data.eval_crop_pct = 1.0
   c.eval_batch_size = 256

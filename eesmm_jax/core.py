@@ -1,0 +1,443 @@
+"""What every trainer shares (pretraining, fine-tuning, the benchmark): the trainer core.
+
+As big_vision keeps `utils.py` beside `train.py`: the train state, the mesh and shardings, the
+objective-agnostic step factory, checkpoints (manager, restore, fit check), preemption, the
+metrics log, and the one way to load encoder weights. The loops that use them are `train.py`
+(pretraining) and `finetune.py`; `plan.py` resolves a config into what they need.
+
+Imports only JAX, Flax, Optax, Orbax and numpy (clu's TensorBoard writer when it is installed):
+no TensorFlow, so a synthetic-data run works on accelerator images without it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from flax.training.dynamic_scale import DynamicScale
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from eesmm_jax import convert
+from eesmm_jax.models import swin
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # optimizer micro-steps taken; also the data position
+  params: Any
+  opt_state: Any
+  rng: jax.Array         # raw uint32[2] key; the step's key is fold_in(rng, step)
+  # fp16 only: the loss scale. Steps skipped for non-finite gradients: in a row, and in all.
+  dynamic_scale: Optional[DynamicScale] = None
+  skipped_in_a_row: jax.Array = 0
+  skipped_steps: jax.Array = 0
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients stopped being finite: the run stops, its last checkpoint kept."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, mesh, shardings, state.
+
+
+def create_encoder(config, **overrides) -> swin.SwinTransformer:
+  """The Swin named by config.model, with any of its fields that are set overriding the variant."""
+  m = config.model
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+  if m.name not in swin.VARIANTS:
+    raise ValueError(f"config.model.name={m.name!r} is unknown; choose one of "
+                     f"{sorted(swin.VARIANTS)}")
+  kwargs = dict(img_size=m.img_size, window_size=m.window_size, patch_size=m.patch_size,
+                drop_path_rate=m.drop_path_rate, dtype=DTYPES[config.dtype])
+  for key in ("embed_dim", "depths", "num_heads"):
+    if m.get(key) is not None:
+      kwargs[key] = tuple(m[key]) if key != "embed_dim" else m[key]
+  kwargs.update(overrides)
+  try:
+    return swin.create_model(m.name, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"config.img_size / config.model: {e}") from None
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over `devices` (default: all of them, over all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  # Auto axes: XLA propagates shardings through the model (JAX's default is now Explicit).
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def global_batch_from_local(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """This process's rows -> one global array sharded over `data`."""
+  global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def fsdp_spec(shape: tuple[int, ...], num_shards: int) -> P:
+  """Shard a tensor's largest dimension that divides evenly over `data`; replicate the rest
+  (biases, norms and small tables cost little and sharding them would only add collectives)."""
+  for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[d] % num_shards == 0 and shape[d] >= num_shards:
+      spec = [None] * len(shape)
+      spec[d] = "data"
+      return P(*spec)
+  return P()
+
+
+def state_shardings(state_shapes, mesh, fsdp: bool):
+  """Everything replicated; with FSDP, params and optimizer state sharded over `data`."""
+  replicated = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), state_shapes)
+  if not fsdp:
+    return replicated
+  shard = lambda x: NamedSharding(mesh, fsdp_spec(x.shape, mesh.size) if x.ndim else P())
+  return replicated.replace(params=jax.tree_util.tree_map(shard, state_shapes.params),
+                            opt_state=jax.tree_util.tree_map(shard, state_shapes.opt_state))
+
+
+def new_train_state(params, tx, rng, dtype: str) -> TrainState:
+  """Step 0. fp16 has no headroom for Swin's activations and gradients: dynamic loss scaling."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=rng,
+                    dynamic_scale=DynamicScale() if dtype == "float16" else None,
+                    skipped_in_a_row=zero, skipped_steps=zero)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+
+def make_train_step(loss_fn: Callable, tx, schedule, accum_steps: int):
+  """(state, batch) -> (state, metrics), for any `loss_fn(params, batch, rng, train) ->
+  (loss, aux)`: whatever the loss puts under aux['metrics'] is logged beside the step's own
+  loss, grad_norm, lr, finite, skipped_in_a_row, skipped_steps (and loss_scale in fp16).
+
+  A step whose loss or gradients are not finite leaves params and optimizer state untouched.
+  In fp16 that is the normal overflow handling of dynamic loss scaling (the scale halves); in
+  fp32/bf16 the host stops the run on `metrics['finite'] == 0`.
+  """
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss_of = lambda p: loss_fn(p, batch, rng, True)
+    if state.dynamic_scale is not None:
+      dynamic_scale, finite, (loss, aux), grads = state.dynamic_scale.value_and_grad(
+          loss_of, has_aux=True)(state.params)
+    else:
+      dynamic_scale = None
+      (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    params = keep(optax.apply_updates(state.params, updates), state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    skipped = jnp.where(finite, 0, state.skipped_in_a_row + 1)
+    skipped_steps = state.skipped_steps + (1 - finite.astype(jnp.int32))
+
+    metrics = dict(aux.get("metrics", {}), loss=loss, grad_norm=grad_norm,
+                   lr=schedule(state.step // accum_steps), finite=finite.astype(jnp.int32),
+                   skipped_in_a_row=skipped, skipped_steps=skipped_steps)
+    if dynamic_scale is not None:
+      metrics["loss_scale"] = dynamic_scale.scale
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          dynamic_scale=dynamic_scale, skipped_in_a_row=skipped,
+                          skipped_steps=skipped_steps)
+    return state, metrics
+
+  return train_step
+
+
+def jit_train_step(plan, loss_fn: Optional[Callable] = None):
+  """The plan's step, jitted over its shardings with the state donated."""
+  step = make_train_step(loss_fn or plan.loss_fn, plan.tx, plan.schedule, plan.accum_steps)
+  return jax.jit(step, in_shardings=(plan.state_sharding, plan.data_sharding),
+                 out_shardings=(plan.state_sharding, plan.replicated), donate_argnums=0)
+
+
+def check_finite(step: int, metrics: dict, state: TrainState, manager, max_skipped: int):
+  """Stops the run on a non-finite step (fp32/bf16), or on too many skipped in a row (fp16).
+
+  It reads one scalar back per step: a non-finite step must stop the run before it is saved.
+  """
+  if not int(metrics["finite"]) and state.dynamic_scale is None:
+    raise NonFiniteError(
+        f"step {step}: the loss or the gradients are not finite (loss "
+        f"{float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); stopping. "
+        f"{last_good(manager)} Try a lower optim.base_lr, or dtype 'float32'.")
+  if int(metrics["skipped_in_a_row"]) > max_skipped:
+    raise NonFiniteError(
+        f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed "
+        f"(loss scale now {float(metrics['loss_scale']):g}): the loss itself is not finite, not "
+        f"just the fp16 range. {last_good(manager)} Try dtype 'bfloat16' or 'float32', or a "
+        f"lower lr.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Async Orbax saves into <workdir>/checkpoints, keeping the last `keep`. A save is written to
+  a temporary directory and renamed when complete, so a kill never leaves a half checkpoint
+  that a restart would pick up."""
+  return ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True))
+
+
+def restore_or_init(manager, state_shapes, state_sharding, init):
+  """The latest checkpoint, restored onto this run's shardings (which also reshards one saved
+  on another number of devices, or with(out) FSDP); else `init()`."""
+  latest = manager.latest_step()
+  if latest is None:
+    return init()
+  check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
+                        f"at step {latest} in {os.path.dirname(str(manager.directory))}")
+  abstract = jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      state_shapes, state_sharding)
+  state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+  logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+  return state
+
+
+def save_checkpoint(manager, state, step: int, periodic: bool, preemption) -> bool:
+  """Saves when `periodic` or when preempted; True when the run must stop (preemption)."""
+  if preemption.reached(step):
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    print(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
+          f"{os.path.dirname(str(manager.directory))}; the same command resumes from it",
+          flush=True)
+    return True
+  if periodic:
+    manager.save(step, args=ocp.args.StandardSave(state))
+  return False
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{"['params']['encoder']['norm']['scale']": shape}: `keystr` with simple keys spells dict
+  keys and dataclass fields alike, so a saved checkpoint's metadata and the state compare."""
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          tuple(getattr(leaf, "shape", ()) or ())
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_checkpoint_fits(metadata, state_shapes, where: str) -> None:
+  """Refuses a checkpoint of another model or shape before anything is loaded."""
+  saved, wanted = _leaf_shapes(metadata), _leaf_shapes(state_shapes)
+  for key, shape in wanted.items():
+    if key not in saved:
+      raise ValueError(f"the checkpoint {where} does not fit this config: it has no {key} "
+                       f"(the model expects shape {shape}); it was written by another model "
+                       f"or objective: use another --workdir, or the config that wrote it")
+    if saved[key] != shape:
+      raise ValueError(f"the checkpoint {where} does not fit this config: first mismatch at "
+                       f"{key}: checkpoint shape {saved[key]}, model expects {shape}")
+  extra = sorted(set(saved) - set(wanted))
+  if extra:
+    raise ValueError(f"the checkpoint {where} does not fit this config: it holds "
+                     f"{extra[:5]} that the model does not have")
+
+
+def last_good(manager) -> str:
+  step = manager.latest_step()
+  if step is None:
+    return "No checkpoint was saved yet."
+  return f"The last good checkpoint (step {step}) is kept in {manager.directory}."
+
+
+class Preemption:
+  """SIGTERM (or JAX's preemption notice on several processes) -> stop at a step boundary.
+
+  Several processes must stop at the same step, so there we use JAX's preemption sync point,
+  which agrees on the step through the distributed runtime; one process catches SIGTERM itself.
+  """
+
+  def __init__(self):
+    self.requested = threading.Event()
+    self.multiprocess = jax.process_count() > 1
+    if not self.multiprocess and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+  def reached(self, step: int) -> bool:
+    if self.multiprocess:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested.is_set()
+
+  def close(self):
+    if hasattr(self, "previous"):
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights to start from: the one loader for pretraining's init_from and for fine-tuning.
+
+
+def _latest_params(directory: str) -> dict:
+  """The params of the latest checkpoint of a pretraining or fine-tuning workdir, as numpy; a
+  pretraining checkpoint's encoder (its decoder left out). Reads only: creates nothing there."""
+  ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise ValueError(f"{directory!r} holds no checkpoint (no checkpoints/<step>): give a "
+                     f"pretraining or fine-tuning workdir, a .pth, or a convert directory")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(ckpt_dir, str(max(steps)), "default"))["params"]
+  params = params.get("encoder", params)
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def _read_source(path: str, model: swin.SwinTransformer) -> dict:
+  """Flattened Flax params from a .pth (any layout), a convert directory or a workdir."""
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "model.json")):
+      return traverse_util.flatten_dict(convert.load_flax(path)[0])
+    return traverse_util.flatten_dict(_latest_params(path))
+  import torch  # the `torch` extra
+  state, extra = convert.unwrap_checkpoint(torch.load(path, map_location="cpu",
+                                                      weights_only=True))
+  if extra:
+    logging.info("init_from %s: left out %d non-encoder tensors (%s ...)", path, len(extra),
+                 sorted(extra)[0])
+  # The source decides whether a head and a mask token come along; _fit_params keeps what fits.
+  head = state.get("head.weight", state.get("head.fc.weight"))
+  keep_head = bool(model.num_classes) and head is not None and head.shape[0] == model.num_classes
+  state = {k: v for k, v in state.items() if keep_head or not k.startswith("head.")}
+  source = model.clone(num_classes=model.num_classes if keep_head else 0,
+                       use_mask_token="mask_token" in state)
+  return traverse_util.flatten_dict(convert.torch_to_flax(state, source))
+
+
+def _fit_params(flat: dict, model: swin.SwinTransformer, where: str) -> tuple[dict, bool]:
+  """Source params -> those of `model` that the source provides, resized where they may be.
+
+  Bias tables and absolute position embeddings of another size are resized bicubically; a head
+  of another number of classes, or a mask token the source lacks, is left out (the caller keeps
+  its fresh one). Returns (params, head_loaded).
+  """
+  expected = traverse_util.flatten_dict(convert.param_shapes(model))
+  head_fits = all(p in flat and np.shape(flat[p]) == tuple(expected[p].shape)
+                  for p in expected if p[0] == "head")
+  out = {}
+  for path, spec in expected.items():
+    if (path[0] == "head" and not head_fits) or (path[0] == "mask_token" and path not in flat):
+      continue
+    if path not in flat:
+      raise convert.ConversionError(
+          f"{where} does not fit the model: it has no {'/'.join(path)} (model: "
+          f"embed_dim={model.embed_dim}, depths={tuple(model.depths)})")
+    value = np.asarray(flat[path])
+    if value.shape != spec.shape and path[-1] == "relative_position_bias_table":
+      value = convert.resize_relative_position_bias_table(value, spec.shape[0])
+    elif value.shape != spec.shape and path[-1] == "absolute_pos_embed":
+      value = convert.resize_absolute_pos_embed(value, spec.shape[1])
+    if value.shape != spec.shape:
+      raise convert.ConversionError(f"{where}: {'/'.join(path)} has shape {value.shape}, the "
+                                    f"model expects {tuple(spec.shape)}")
+    out[path] = value.astype(spec.dtype)
+  return traverse_util.unflatten_dict(out), head_fits and any(p[0] == "head" for p in expected)
+
+
+def load_weights(path: str, model: swin.SwinTransformer) -> tuple[dict, bool]:
+  """Params for `model` (an encoder, or a classifier) from a PyTorch .pth (official, timm or
+  SimMIM layout), a `convert to-flax` directory, or a pretraining / fine-tuning workdir.
+
+  -> (params, head_loaded). What the source lacks and a run makes fresh (a head of another size,
+  a mask token) is absent from params: merge them over the run's initial params.
+  """
+  return _fit_params(_read_source(path, model), model, f"init_from {path!r}")
+
+
+def merge_params(init: dict, loaded: dict) -> dict:
+  """`loaded` over `init`, leaf by leaf, in init's dtypes."""
+  flat = traverse_util.flatten_dict(init)
+  for path, value in traverse_util.flatten_dict(loaded).items():
+    flat[path] = np.asarray(value, np.asarray(flat[path]).dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics.
+
+
+class _NoWriter:
+  """Stands in for clu's writer where clu (and so TensorBoard output) is not installed."""
+
+  def write_scalars(self, step, scalars):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def close(self):
+    pass
+
+
+def summary_writer(workdir: str):
+  """clu's TensorBoard writer on process 0; without clu, one warning and none."""
+  if jax.process_index() != 0:
+    return _NoWriter()
+  try:
+    from clu import metric_writers
+  except ImportError:
+    print("warning: clu is not installed, so no TensorBoard output; metrics.jsonl has every "
+          "logged value", flush=True)
+    return _NoWriter()
+  return metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+class MetricsLog:
+  """Console progress line, TensorBoard (clu writer) and `<workdir>/metrics.jsonl`."""
+
+  def __init__(self, workdir: str, total: int, global_batch: int, num_devices: int):
+    self.lead = jax.process_index() == 0
+    self.writer = summary_writer(workdir)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.lead else None
+    self.total, self.global_batch, self.num_devices = total, global_batch, num_devices
+    self.last_step, self.last_time = None, None
+
+  def start(self, step: int):
+    self.last_step, self.last_time = step, time.perf_counter()
+
+  def write_row(self, step: int, row: dict) -> None:
+    """One row to TensorBoard and metrics.jsonl (the console line is the caller's)."""
+    self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+    if self.lead:
+      self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+      self.jsonl.flush()
+
+  def write(self, step: int, metrics: dict) -> dict:
+    now = time.perf_counter()
+    rate = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    row.update(images_per_sec=rate, images_per_sec_per_device=rate / self.num_devices)
+    self.write_row(step, row)
+    if self.lead:
+      eta = (self.total - step) * self.global_batch / max(rate, 1e-9)
+      print(f"step {step:>7d}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
+            f"{rate:8.1f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+    return {"step": step, **row}
+
+  def close(self):
+    self.writer.close()
+    if self.jsonl:
+      self.jsonl.close()

@@ -1,0 +1,140 @@
+"""A run planned once: config -> model, loss, data size, steps, optimizer, state and shardings.
+
+Every check happens here, before anything compiles or reads an image, and every run quantity is
+computed here once: the loops (`train.py`, `finetune.py`) and the benchmark read them from the
+`Plan`. Each bad value raises one ValueError naming the key and what would be accepted.
+
+    mesh = core.make_mesh()
+    p = plan.pretraining(config, mesh, workdir)   # finetune.plan_finetuning for the other modes
+    p.total_steps, p.steps_per_epoch, p.tx, p.state_sharding, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from eesmm_jax import core, data, masking, objectives, optim
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  config: ml_collections.ConfigDict
+  workdir: Optional[str]
+  mesh: jax.sharding.Mesh
+  encoder: Any                    # the Swin (pretraining: inside `model`, with a mask token)
+  model: Any                      # what is trained: the MIM model, or the classifier
+  loss_fn: Callable               # (params, batch, rng, train) -> (loss, aux)
+  init_params: Callable           # rng -> params
+  source: data.Source             # the training split, opened once: size, bad images, listing
+  steps_per_epoch: int
+  total_steps: int
+  tx: Any
+  schedule: Callable
+  accum_steps: int
+  state_shapes: core.TrainState   # ShapeDtypeStructs
+  state_sharding: core.TrainState
+  num_classes: int = 0
+
+  @property
+  def num_examples(self) -> int:
+    return self.source.num_examples
+
+  @property
+  def data_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def new_state(self, rng: jax.Array, params=None) -> core.TrainState:
+    """Step 0 from `rng` (the state's shapes are this function's): fresh params, or `params`."""
+    init_rng, state_rng = jax.random.split(rng)
+    params = self.init_params(init_rng) if params is None else params
+    return core.new_train_state(params, self.tx, state_rng, self.config.dtype)
+
+
+def check_run_config(config: ml_collections.ConfigDict, trains: bool = True) -> None:
+  """The keys every run reads (see `config.run_config`)."""
+  if config.init_from and not os.path.exists(config.init_from):
+    raise ValueError(f"config.init_from={config.init_from!r} does not exist: give a .pth, a "
+                     f"`convert to-flax` directory or a pretraining / fine-tuning workdir")
+  if not trains:
+    return
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    if config[key] < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  if config.total_steps is not None and config.total_steps < 1:
+    raise ValueError(f"config.total_steps must be None (use optim.epochs) or >= 1, got "
+                     f"{config.total_steps}")
+
+
+def check_workdir(workdir: str) -> str:
+  """The absolute workdir, created; refused when it cannot be written."""
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror}); checkpoints, "
+                     f"metrics and pictures go there") from None
+  return workdir
+
+
+def build(config, mesh, workdir, *, encoder, model, loss_fn, init_params, source: data.Source,
+          num_classes: int = 0) -> Plan:
+  """The parts every training run shares: steps, optimizer and schedule, state and shardings."""
+  steps_per_epoch = max(1, source.num_examples // config.batch_size)
+  total_steps = int(config.total_steps or config.optim.epochs * steps_per_epoch)
+  ocfg = ml_collections.ConfigDict(config.optim.to_dict())
+  if config.total_steps:  # the schedule spans the steps asked for
+    ocfg.epochs = config.total_steps / steps_per_epoch
+  param_shapes = jax.eval_shape(init_params, jax.random.key(0))
+  # Raises on a bad schedule (a warm-up longer than the run, bad milestones) before compiling.
+  tx, schedule = optim.make_optimizer(ocfg, param_shapes, config.batch_size, steps_per_epoch,
+                                      depths=encoder.depths)
+  plan = Plan(config=config, workdir=workdir, mesh=mesh, encoder=encoder, model=model,
+              loss_fn=loss_fn, init_params=init_params, source=source,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps, tx=tx,
+              schedule=schedule, accum_steps=int(ocfg.accum_steps), state_shapes=None,
+              state_sharding=None, num_classes=num_classes)
+  state_shapes = jax.eval_shape(plan.new_state, jax.random.key_data(jax.random.key(0)))
+  return dataclasses.replace(plan, state_shapes=state_shapes,
+                             state_sharding=core.state_shardings(state_shapes, mesh, config.fsdp))
+
+
+def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] = None,
+                **encoder_overrides) -> Plan:
+  """SimMIM / EESMM pretraining as `config` says, checked; `workdir` None plans without one
+  (the benchmark). `encoder_overrides` change encoder fields (the benchmark's attention)."""
+  encoder = core.create_encoder(config, num_classes=0, use_mask_token=True, **encoder_overrides)
+  c = config.objective
+  try:
+    masking.check_mask_args(config.img_size, c.mask_patch_size, encoder.patch_size, c.mask_ratio)
+  except ValueError as e:
+    raise ValueError(f"config.objective: {e}") from None
+  objectives.check_objective_config(c)
+  if not isinstance(config.batch_size, int) or config.batch_size % (c.num_mix * mesh.size):
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by num_mix x "
+                     f"devices = {c.num_mix} x {mesh.size} (= {c.num_mix * mesh.size}), so "
+                     f"every device blends whole groups of images")
+  check_run_config(config)
+  source = data.open_source(config.data)
+  if workdir is not None:
+    workdir = check_workdir(workdir)
+
+  model = objectives.build_model(c, encoder)
+  side = config.img_size // encoder.patch_size
+  sample = jax.numpy.zeros((1, config.img_size, config.img_size, encoder.in_chans))
+  tokens = jax.numpy.zeros((1, side, side), jax.numpy.int32)
+  return build(config, mesh, workdir, encoder=encoder, model=model,
+               loss_fn=objectives.build_objective(c, model),
+               init_params=lambda rng: model.init(rng, sample, tokens)["params"],
+               source=source)

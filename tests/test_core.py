@@ -1,0 +1,121 @@
+"""The trainer core's layout: one way in (the plan), no import circle, TensorFlow only where
+tf.data runs, the data source opened once, the benchmark on the trainer's own step."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+from PIL import Image
+
+from eesmm_jax import benchmark, input_pipeline, train
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, cwd=ROOT, timeout=600,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+
+
+def test_imports_flow_one_way():
+  """train does not import config back; finetune and benchmark reach the core, not train."""
+  proc = run_python("""
+      import sys
+      import eesmm_jax.train
+      assert "eesmm_jax.config" not in sys.modules, "train imports config"
+      for name in ("eesmm_jax.finetune", "eesmm_jax.benchmark"):
+        for m in [m for m in sys.modules if m.startswith("eesmm_jax")]:
+          del sys.modules[m]
+        __import__(name)
+        assert "eesmm_jax.train" not in sys.modules, name + " imports train"
+        assert "eesmm_jax.core" in sys.modules, name
+      print("ok")
+  """)
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+BLOCK_TF = """
+    import sys
+    # As on an image without them: `import` raises ImportError and find_spec says None.
+    for name in ("tensorflow", "tensorflow_datasets", "clu"):
+      sys.modules[name] = None
+"""
+
+def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_path):
+  proc = run_python(BLOCK_TF + f"""
+    import json, sys
+    from absl.testing import flagsaver  # noqa: F401  (absl itself is allowed)
+    from absl import app
+    from eesmm_jax import benchmark, main
+    sys.argv = ["main", "--config", "configs/demo.py", "--workdir", {str(tmp_path / "run")!r},
+                "--config.data.dataset=synthetic", "--config.data.synthetic_examples=32",
+                "--config.batch_size=16", "--config.total_steps=2", "--config.log_every=1",
+                "--config.optim.warmup_epochs=0", "--config.picture_every=2"]
+    try:
+      app.run(main.main)
+    except SystemExit as e:
+      assert not e.code, e.code
+    rows = [json.loads(l) for l in open({str(tmp_path / "run" / "metrics.jsonl")!r})]
+    assert [r["step"] for r in rows] == [1, 2], rows
+    status = benchmark.main(["--preset", "cpu-small", "--out", {str(tmp_path / "timing")!r},
+                             "--backbones", "swin_micro", "--sizes", "64/2",
+                             "--methods", "eesmm2", "--batch", "4", "--steps", "1",
+                             "--warmup", "0", "--torch", "none"])
+    assert status == 0
+    assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "clu")
+                and sys.modules[m] is not None]
+    print("ok")
+  """, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "clu is not installed, so no TensorBoard output" in proc.stdout
+  assert (tmp_path / "run" / "pictures").is_dir()
+
+
+def test_a_folder_is_listed_once_per_run(tmp_path, monkeypatch):
+  for i in range(16):
+    Image.fromarray(np.full((40, 40, 3), i * 15, np.uint8)).save(tmp_path / f"{i}.png")
+  calls = []
+  real = input_pipeline._list_and_check_folder
+  monkeypatch.setattr(input_pipeline, "_list_and_check_folder",
+                      lambda *a: calls.append(a) or real(*a))
+  config = tiny_config(total_steps=2, **{"data.dataset": "folder",
+                                         "data.data_dir": str(tmp_path)})
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len(calls) == 1, calls
+
+
+def test_benchmark_float16_cell_is_the_trainers_step_with_its_loss_scale():
+  cell = benchmark.jax_cell("swin_micro", 64, 2, 2, 16, "float16", steps=1, warmup=0)
+  assert cell["loss_scale"] is not None and cell["loss_scale"] > 0
+  assert benchmark.jax_cell("swin_micro", 64, 2, 2, 16, "float32", steps=1,
+                            warmup=0)["loss_scale"] is None
+
+
+def test_a_benchmark_whose_only_cell_fails_exits_non_zero(tmp_path):
+  """batch 3 cannot be split into pairs: the cell fails, the tables are written, exit 1."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "eesmm_jax.benchmark", "--preset", "cpu-small", "--out",
+       str(tmp_path), "--backbones", "swin_micro", "--sizes", "64/2", "--methods", "eesmm2",
+       "--batch", "3", "--steps", "1", "--warmup", "0", "--torch", "none"],
+      capture_output=True, text=True, timeout=600, cwd=ROOT,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert (tmp_path / "timing.json").exists() and "failed: swin_micro 64/2" in proc.stdout
+
+
+def test_launchers_put_their_dtype_before_the_users_overrides():
+  """launch/v100x4.sh and tpu_pod.sh: their default dtype follows --config, so a user's own
+  --config.dtype (later on the line) wins."""
+  out = subprocess.run(
+      ["bash", "-c", '. launch/lib.sh; with_config_default dtype=float16 --workdir w --config '
+       'c.py --config.dtype=float32; printf "%s\\n" "${ARGS[@]}"'],
+      capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+  assert out == ["--workdir", "w", "--config", "c.py", "--config.dtype=float16",
+                 "--config.dtype=float32"]
+  for launcher in ("v100x4.sh", "tpu_pod.sh"):
+    text = open(os.path.join(ROOT, "launch", launcher)).read()
+    assert "with_config_default dtype=" in text and "--config.dtype=" not in text, launcher
