@@ -144,18 +144,6 @@ def device_peak_bytes() -> Optional[int]:
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def xla_peak_bytes(compiled) -> Optional[int]:
-  """Arguments + outputs + temporaries of the compiled step, less donated (aliased) buffers."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - getattr(m, "alias_size_in_bytes", 0))
-
-
 def timed_steps(step: Callable[[], Any], steps: int, warmup: int) -> list[float]:
   """Seconds of each of `steps` calls after `warmup` untimed ones; `step` must block."""
   for _ in range(warmup):
@@ -239,7 +227,7 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     # The process's high-water mark rose during this cell, so it is this cell's peak.
     peak, source = peak_after, "device memory_stats peak_bytes_in_use"
   else:
-    peak, source = xla_peak_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
+    peak, source = core.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
   del holder, state, images
   gc.collect()
   return dict(compile_time_s=compile_time, flops_per_image=flops_per_image, peak_bytes=peak,

@@ -22,6 +22,12 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 2048
   # Steps of the run; None = optim.epochs over the dataset.
   c.total_steps = ml_collections.config_dict.placeholder(int)
+  # Slices of the batch run one after another inside each step, gradients averaged, one update:
+  # the same batch on fewer or smaller devices (activations of one slice alive at a time).
+  c.micro_batches = 1
+  # The memory a train step may use per device, in GiB; None = what the accelerator reports. A
+  # step that needs more stops before training, saying what would fit.
+  c.device_memory_gb = ml_collections.config_dict.placeholder(float)
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3

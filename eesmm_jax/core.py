@@ -122,15 +122,59 @@ def new_train_state(params, tx, rng, dtype: str) -> TrainState:
 # The step.
 
 
-def make_train_step(loss_fn: Callable, tx, schedule, accum_steps: int):
+def micro_batched(loss_fn: Callable, micro_batches: int, group: int = 1) -> Callable:
+  """`loss_fn` over the batch in `micro_batches` equal slices, one after another (a `lax.scan`,
+  so only one slice's activations are alive), averaged: the gradient of the average is the
+  average of the slices' gradients, so one optimizer update sees the whole batch.
+
+  Equal to the unsplit loss when the loss is a mean over rows (the objectives' masked means are,
+  up to their 1e-5 denominator guard: every image masks the same number of pixels) and its
+  random draws do not depend on the slicing; slice i draws from fold_in(rng, i), so masks and
+  drop path differ from the unsplit step's draws, not their distribution. Slice i takes every
+  micro_batches-th group of `group` rows (EESMM's n images of a blend stay together), so on a
+  batch sharded over `data` each device slices its own rows: no data moves.
+  """
+  if micro_batches == 1:
+    return loss_fn
+
+  def sliced_loss(params, batch, rng, train):
+    def split(x):
+      rows, rest = x.shape[0], x.shape[1:]
+      x = x.reshape((rows // (group * micro_batches), micro_batches, group) + rest)
+      return jnp.swapaxes(x, 0, 1).reshape((micro_batches, rows // micro_batches) + rest)
+
+    slices = jax.tree_util.tree_map(split, batch)
+
+    def one(total, i_and_slice):
+      i, part = i_and_slice
+      loss, aux = loss_fn(params, part, jax.random.fold_in(rng, i), train)
+      total = jax.tree_util.tree_map(jnp.add, total, (loss, aux.get("metrics", {})))
+      return total, None
+
+    shapes = jax.eval_shape(lambda: loss_fn(params, jax.tree_util.tree_map(lambda x: x[0], slices),
+                                            rng, train))
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  (shapes[0], shapes[1].get("metrics", {})))
+    (loss, metrics), _ = jax.lax.scan(one, zero, (jnp.arange(micro_batches), slices))
+    mean = lambda x: x / micro_batches
+    return mean(loss), {"metrics": jax.tree_util.tree_map(mean, metrics)}
+
+  return sliced_loss
+
+
+def make_train_step(loss_fn: Callable, tx, schedule, accum_steps: int, micro_batches: int = 1,
+                    group: int = 1):
   """(state, batch) -> (state, metrics), for any `loss_fn(params, batch, rng, train) ->
   (loss, aux)`: whatever the loss puts under aux['metrics'] is logged beside the step's own
   loss, grad_norm, lr, finite, skipped_in_a_row, skipped_steps (and loss_scale in fp16).
+  `micro_batches` > 1 runs the batch in that many slices inside the step (`micro_batched`).
 
   A step whose loss or gradients are not finite leaves params and optimizer state untouched.
   In fp16 that is the normal overflow handling of dynamic loss scaling (the scale halves); in
   fp32/bf16 the host stops the run on `metrics['finite'] == 0`.
   """
+
+  loss_fn = micro_batched(loss_fn, micro_batches, group)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -166,9 +210,60 @@ def make_train_step(loss_fn: Callable, tx, schedule, accum_steps: int):
 
 def jit_train_step(plan, loss_fn: Optional[Callable] = None):
   """The plan's step, jitted over its shardings with the state donated."""
-  step = make_train_step(loss_fn or plan.loss_fn, plan.tx, plan.schedule, plan.accum_steps)
+  step = make_train_step(loss_fn or plan.loss_fn, plan.tx, plan.schedule, plan.accum_steps,
+                         plan.config.micro_batches, plan.group)
   return jax.jit(step, in_shardings=(plan.state_sharding, plan.data_sharding),
                  out_shardings=(plan.state_sharding, plan.replicated), donate_argnums=0)
+
+
+def step_bytes(compiled) -> Optional[int]:
+  """Per-device bytes of a compiled step by XLA's memory analysis: arguments + outputs +
+  temporaries, less the donated (aliased) buffers; None where the backend has no analysis."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001  (not every backend implements it)
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - getattr(m, "alias_size_in_bytes", 0))
+
+
+def device_memory_bytes(config) -> Optional[int]:
+  """config.device_memory_gb when stated, else what the accelerator reports (None on CPU)."""
+  if config.device_memory_gb:
+    return int(config.device_memory_gb * 2 ** 30)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def compile_train_step(plan, state: TrainState, batch) -> Any:
+  """The plan's step compiled for `batch` (arrays or ShapeDtypeStructs with shardings), after
+  checking that it fits the device: a step that cannot fit stops here, before any training,
+  with both numbers and what would fit."""
+  start = time.perf_counter()
+  compiled = jit_train_step(plan).lower(state, batch).compile()
+  needed, limit = step_bytes(compiled), device_memory_bytes(plan.config)
+  gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
+  if jax.process_index() == 0:
+    print(f"compiled the train step in {time.perf_counter() - start:.1f} s"
+          + (f"; it needs {gib(needed)} per device (XLA memory analysis)" if needed else ""),
+          flush=True)
+  if needed and limit and needed > limit:
+    # Arguments (params, optimizer state, batch) stay; the temporaries scale with the slice.
+    m = compiled.memory_analysis()
+    fixed, temps = needed - m.temp_size_in_bytes, m.temp_size_in_bytes
+    k = plan.config.micro_batches
+    fits = [j for j in range(k + 1, 65) if plan.config.batch_size % (plan.group * plan.mesh.size
+                                                                   * j) == 0
+            and fixed + temps * k / j <= limit]
+    hint = (f"--config.micro_batches={fits[0]} (about {gib(fixed + temps * k / fits[0])})"
+            if fits else "a smaller config.batch_size")
+    raise MemoryError(
+        f"the train step needs {gib(needed)} per device (XLA memory analysis: {gib(fixed)} "
+        f"params, optimizer state and batch, {gib(temps)} activations) but the device has "
+        f"{gib(limit)}: use {hint}, or --config.model.remat=full (fewer activations kept)")
+  return compiled
 
 
 def check_finite(step: int, metrics: dict, state: TrainState, manager, max_skipped: int):

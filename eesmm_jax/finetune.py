@@ -283,7 +283,11 @@ def finetune(config, workdir: str, mesh, num_classes: int,
   start = int(state.step)
 
   # --- The steps.
-  train_step = core.jit_train_step(p)
+  s = config.img_size
+  train_step = core.compile_train_step(p, state, {
+      "image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
+                                    sharding=p.data_sharding),
+      "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=p.data_sharding)})
   eval_step = jax.jit(make_eval_step(p.model))
 
   # --- Loop.

@@ -40,6 +40,7 @@ class Plan:
   state_shapes: core.TrainState   # ShapeDtypeStructs
   state_sharding: core.TrainState
   num_classes: int = 0
+  group: int = 1                  # rows that belong together in a batch (EESMM: the n images)
 
   @property
   def num_examples(self) -> int:
@@ -89,8 +90,14 @@ def check_workdir(workdir: str) -> str:
 
 
 def build(config, mesh, workdir, *, encoder, model, loss_fn, init_params, source: data.Source,
-          num_classes: int = 0) -> Plan:
+          num_classes: int = 0, group: int = 1) -> Plan:
   """The parts every training run shares: steps, optimizer and schedule, state and shardings."""
+  k = config.micro_batches
+  if not isinstance(k, int) or k < 1 or config.batch_size % (group * mesh.size * k):
+    raise ValueError(f"config.micro_batches={k} must be an integer >= 1 such that batch_size "
+                     f"{config.batch_size} divides into {k} slices of whole groups of {group} "
+                     f"on each of the {mesh.size} devices (batch_size % {group} x {mesh.size} x "
+                     f"micro_batches == 0)")
   steps_per_epoch = max(1, source.num_examples // config.batch_size)
   total_steps = int(config.total_steps or config.optim.epochs * steps_per_epoch)
   ocfg = ml_collections.ConfigDict(config.optim.to_dict())
@@ -104,7 +111,7 @@ def build(config, mesh, workdir, *, encoder, model, loss_fn, init_params, source
               loss_fn=loss_fn, init_params=init_params, source=source,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, tx=tx,
               schedule=schedule, accum_steps=int(ocfg.accum_steps), state_shapes=None,
-              state_sharding=None, num_classes=num_classes)
+              state_sharding=None, num_classes=num_classes, group=group)
   state_shapes = jax.eval_shape(plan.new_state, jax.random.key_data(jax.random.key(0)))
   return dataclasses.replace(plan, state_shapes=state_shapes,
                              state_sharding=core.state_shardings(state_shapes, mesh, config.fsdp))
@@ -137,4 +144,4 @@ def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] 
   return build(config, mesh, workdir, encoder=encoder, model=model,
                loss_fn=objectives.build_objective(c, model),
                init_params=lambda rng: model.init(rng, sample, tokens)["params"],
-               source=source)
+               source=source, group=c.num_mix)

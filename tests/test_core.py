@@ -119,3 +119,57 @@ def test_launchers_put_their_dtype_before_the_users_overrides():
   for launcher in ("v100x4.sh", "tpu_pod.sh"):
     text = open(os.path.join(ROOT, "launch", launcher)).read()
     assert "with_config_default dtype=" in text and "--config.dtype=" not in text, launcher
+
+
+def test_k_micro_batches_equal_the_unsplit_step():
+  """4 slices of a 32-row batch on 8 devices, groups of 2 rows kept together: one update equal
+  to the unsplit step's (the loss is a mean over rows and draws nothing at random)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from eesmm_jax import core
+
+  def loss_fn(params, batch, rng, train):
+    pairs = batch.reshape(-1, 2, 3).sum(1)  # a group's two rows act together, as in a blend
+    err = jnp.tanh(pairs @ params["w"]) - 1.0
+    return jnp.mean(err ** 2), {"metrics": {"err": jnp.mean(err)}}
+
+  mesh = core.make_mesh()
+  batch = jax.device_put(np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32),
+                         NamedSharding(mesh, P("data")))
+  params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)}
+  tx = optax.adamw(1e-2)
+  state = core.new_train_state(params, tx, jax.random.key_data(jax.random.key(0)), "float32")
+  results = []
+  for k in (1, 4):
+    step = jax.jit(core.make_train_step(loss_fn, tx, lambda _: 1e-2, 1, micro_batches=k,
+                                        group=2))
+    new_state, metrics = step(state, batch)
+    results.append((new_state.params["w"], metrics))
+  (w1, m1), (w4, m4) = results
+  np.testing.assert_allclose(w4, w1, atol=1e-6)
+  for key in ("loss", "grad_norm", "err"):
+    np.testing.assert_allclose(m4[key], m1[key], rtol=1e-6, atol=1e-7)
+
+
+def test_micro_batched_pretraining_runs_and_bad_counts_are_refused(tmp_path):
+  import pytest
+  from eesmm_jax import core, plan
+  state = train.train_and_evaluate(tiny_config(total_steps=2, micro_batches=2, batch_size=32),
+                                   str(tmp_path / "run"))
+  assert int(state.step) == 2
+  with pytest.raises(ValueError, match=r"config.micro_batches=3 must be an integer >= 1"):
+    plan.pretraining(tiny_config(micro_batches=3), core.make_mesh(), str(tmp_path / "bad"))
+
+
+def test_a_step_too_large_for_the_stated_memory_stops_before_training(tmp_path):
+  import pytest
+  with pytest.raises(MemoryError, match=r"the train step needs \d+\.\d\d GiB per device .* but "
+                     r"the device has 0\.00 GiB: use .*batch_size|micro_batches"):
+    train.train_and_evaluate(tiny_config(total_steps=2, device_memory_gb=1e-4),
+                             str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "metrics.jsonl") or \
+      not open(tmp_path / "run" / "metrics.jsonl").read()
+  assert not [d for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
