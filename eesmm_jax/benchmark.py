@@ -170,7 +170,7 @@ def throughput_fields(batch: int, times: list[float], num_devices: int) -> dict:
 
 def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
              steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
-             attention: Optional[str] = None) -> dict:
+             attention: Optional[str] = None, remat: str = "none", loop: bool = False) -> dict:
   """Compile and time the trainer's own step: its plan, state (with the fp16 loss scale) and
   jitted step (`core`), at SimMIM's AdamW recipe."""
   config = pretrain_config()
@@ -182,6 +182,7 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     config.model[key] = value
   config.model.window_size = window
   config.objective.num_mix = num_mix
+  config.model.remat = remat
   config.data.dataset = data if data != "device" else "synthetic"
   config.data.data_dir = data_dir
   # The schedule's length and shape: the lr's value does not change the step's cost.
@@ -230,10 +231,40 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     peak, source = core.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
   del holder, state, images
   gc.collect()
-  return dict(compile_time_s=compile_time, flops_per_image=flops_per_image, peak_bytes=peak,
+  cell = dict(compile_time_s=compile_time, flops_per_image=flops_per_image, peak_bytes=peak,
               peak_bytes_source=source, loss=loss, finite=math.isfinite(loss),
-              loss_scale=loss_scale,
+              loss_scale=loss_scale, remat=remat,
               **throughput_fields(batch, times, mesh.size))
+  if loop:
+    cell["loop_images_per_sec"] = loop_images_per_sec(config, steps + warmup)
+    cell["loop_vs_step"] = cell["loop_images_per_sec"] / cell["images_per_sec"]
+  return cell
+
+
+def loop_images_per_sec(config, steps: int) -> float:
+  """Images/s of the whole trainer loop (`train.train_and_evaluate`: input, host-to-device
+  transfer, step, finiteness checks and logging) over `steps` steps after the first (which
+  compiles), from the rates its own log wrote; checkpoints and pictures only at the end."""
+  import tempfile
+
+  from eesmm_jax import train  # only here: the benchmark itself builds on the core
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.total_steps = 1 + steps
+    config.log_every = max(1, steps // 3)
+    config.checkpoint_every = config.total_steps
+    config.picture_every = 0
+    config.data.synthetic_examples = config.batch_size * config.total_steps
+  with tempfile.TemporaryDirectory() as workdir:
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+  # Each row's rate covers the steps since the previous row (from the end of step 1 on).
+  seconds, last = 0.0, 1
+  for row in rows:
+    seconds += (row["step"] - last) * config.batch_size / row["images_per_sec"]
+    last = row["step"]
+  return (last - 1) * config.batch_size / seconds
 
 
 # ----------------------------------------------------------------------------- PyTorch cell
@@ -327,7 +358,7 @@ def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str
 
 def with_derived(cells: list[dict]) -> list[dict]:
   """MFU, the ratios measured in this run, and the paper's numbers, per cell."""
-  jax_rows = {(c["backbone"], c["img_size"], c["num_mix"]): c
+  jax_rows = {(c["backbone"], c["img_size"], c["num_mix"], c.get("remat", "none")): c
               for c in cells if c["framework"] == "jax" and c["status"] == "ok"}
   torch_rows = {(c["backbone"], c["img_size"], c["impl"]): c
                 for c in cells if c["framework"] == "torch" and c["status"] == "ok"}
@@ -336,7 +367,8 @@ def with_derived(cells: list[dict]) -> list[dict]:
     c["paper"] = PAPER.get(key + (c["num_mix"],))
     if c["status"] != "ok":
       continue
-    simmim = jax_rows.get(key + (1,))
+    remat = c.get("remat", "none")
+    simmim = jax_rows.get(key + (1, remat))
     if c["framework"] == "torch" and simmim:
       c["flops_per_image"] = simmim["flops_per_image"]  # same model and step: XLA's count
     peak = peak_flops(c["device_kind"], c["dtype"])
@@ -346,6 +378,11 @@ def with_derived(cells: list[dict]) -> list[dict]:
     if c["framework"] == "jax":
       c["speedup_vs_simmim"] = (c["images_per_sec"] / simmim["images_per_sec"]
                                 if simmim else None)
+      plain = jax_rows.get(key + (c["num_mix"], "none"))
+      if remat != "none" and plain:  # what rematerialisation costs and saves
+        c["step_time_vs_no_remat"] = c["step_time_s"] / plain["step_time_s"]
+        c["peak_bytes_vs_no_remat"] = (c["peak_bytes"] / plain["peak_bytes"]
+                                       if c["peak_bytes"] and plain["peak_bytes"] else None)
       for impl in ("torch-eager", "torch-compile"):
         ref = torch_rows.get(key + (impl,))
         c[f"ratio_vs_{impl.replace('-', '_')}_simmim"] = (
@@ -474,6 +511,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                  help="JAX attention: XLA, or cuDNN's fused kernel where it applies (GPU, "
                       "Ampere+, 16-bit, even window area)")
+  p.add_argument("--remat", default="none",
+                 help="comma list of model.remat values (none, full, dots): one JAX cell each")
+  p.add_argument("--loop", action="store_true",
+                 help="also time the whole trainer loop on each JAX cell "
+                      "(loop_images_per_sec beside images_per_sec)")
   p.add_argument("--time_budget", type=float,
                  help="seconds; cells that would start after it are skipped (0 = no limit)")
   return p.parse_args(argv)
@@ -517,9 +559,10 @@ def run(argv=None) -> list[dict]:
   for backbone in grid["backbones"]:
     batch = grid["batch"][backbone] if isinstance(grid["batch"], dict) else grid["batch"]
     for img_size, window in grid["sizes"]:
-      jobs = [("jax", f"jax-{args.attention}", n) for n in grid["methods"]]
-      jobs += [("torch", f"torch-{mode}", 1) for mode in grid["torch"]]
-      for framework, impl, n in jobs:
+      jobs = [("jax", f"jax-{args.attention}" + (f"-remat-{r}" if r != "none" else ""), n, r)
+              for n in grid["methods"] for r in args.remat.split(",")]
+      jobs += [("torch", f"torch-{mode}", 1, "none") for mode in grid["torch"]]
+      for framework, impl, n, remat in jobs:
         cell = dict(framework=framework, impl=impl, method=method_name(n), num_mix=n,
                     backbone=backbone, img_size=img_size, window_size=window, batch_size=batch,
                     encoder_inputs_per_step=batch // n, dtype=grid["dtype"],
@@ -533,7 +576,8 @@ def run(argv=None) -> list[dict]:
             if framework == "jax":
               cell.update(jax_cell(backbone, img_size, window, n, batch, grid["dtype"],
                                    grid["steps"], grid["warmup"], args.data, args.data_dir,
-                                   None if args.attention == "xla" else args.attention))
+                                   None if args.attention == "xla" else args.attention,
+                                   remat, args.loop))
             else:
               cell.update(torch_cell(backbone, img_size, window, batch, grid["dtype"],
                                      impl.split("-")[1], grid["steps"], grid["warmup"]))
