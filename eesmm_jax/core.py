@@ -10,6 +10,7 @@ no TensorFlow, so a synthetic-data run works on accelerator images without it.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -266,22 +267,47 @@ def compile_train_step(plan, state: TrainState, batch) -> Any:
   return compiled
 
 
-def check_finite(step: int, metrics: dict, state: TrainState, manager, max_skipped: int):
-  """Stops the run on a non-finite step (fp32/bf16), or on too many skipped in a row (fp16).
+class FiniteWatch:
+  """Checks that steps were finite without a device-to-host read per step: the few scalars of
+  each step stay on the device until `check`, at log, checkpoint and preemption steps.
 
-  It reads one scalar back per step: a non-finite step must stop the run before it is saved.
+  A non-finite step leaves params and optimizer state untouched (`make_train_step`), so running
+  on to the next check changes nothing that is kept; the check comes before any save, so a
+  non-finite step is never saved, and it names the first bad step. fp32/bf16 stop on it; fp16
+  skips it (dynamic loss scaling) and stops after `max_skipped` in a row.
   """
-  if not int(metrics["finite"]) and state.dynamic_scale is None:
-    raise NonFiniteError(
-        f"step {step}: the loss or the gradients are not finite (loss "
-        f"{float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}); stopping. "
-        f"{last_good(manager)} Try a lower optim.base_lr, or dtype 'float32'.")
-  if int(metrics["skipped_in_a_row"]) > max_skipped:
-    raise NonFiniteError(
-        f"step {step}: {int(metrics['skipped_in_a_row'])} fp16 steps in a row overflowed "
-        f"(loss scale now {float(metrics['loss_scale']):g}): the loss itself is not finite, not "
-        f"just the fp16 range. {last_good(manager)} Try dtype 'bfloat16' or 'float32', or a "
-        f"lower lr.")
+  KEYS = ("finite", "loss", "grad_norm", "skipped_in_a_row", "loss_scale")
+
+  def __init__(self, manager, max_skipped: int, fp16: bool):
+    self.manager, self.max_skipped, self.fp16 = manager, max_skipped, fp16
+    self.pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, {k: metrics[k] for k in self.KEYS if k in metrics}))
+
+  def check(self) -> None:
+    rows, self.pending = jax.device_get(self.pending), []
+    for step, m in rows:
+      if not m["finite"] and not self.fp16:
+        raise NonFiniteError(
+            f"step {step}: the loss or the gradients are not finite (loss {float(m['loss'])}, "
+            f"grad norm {float(m['grad_norm'])}); stopping. {last_good(self.manager)} Try a "
+            f"lower optim.base_lr, or dtype 'float32'.")
+      if m["skipped_in_a_row"] > self.max_skipped:
+        raise NonFiniteError(
+            f"step {step}: {int(m['skipped_in_a_row'])} fp16 steps in a row overflowed (loss "
+            f"scale now {float(m['loss_scale']):g}): the loss itself is not finite, not just "
+            f"the fp16 range. {last_good(self.manager)} Try dtype 'bfloat16' or 'float32', or "
+            f"a lower lr.")
+
+
+def prefetch(batches, put: Callable, size: int = 2):
+  """`put(batch)` (host -> sharded device arrays, asynchronous) `size` batches ahead of the
+  step that takes them, so the copy overlaps the running step."""
+  queue = collections.deque(put(next(batches)) for _ in range(size))
+  while True:
+    queue.append(put(next(batches)))
+    yield queue.popleft()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,9 +340,9 @@ def restore_or_init(manager, state_shapes, state_sharding, init):
   return state
 
 
-def save_checkpoint(manager, state, step: int, periodic: bool, preemption) -> bool:
+def save_checkpoint(manager, state, step: int, periodic: bool, preempted: bool) -> bool:
   """Saves when `periodic` or when preempted; True when the run must stop (preemption)."""
-  if preemption.reached(step):
+  if preempted:
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     print(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
           f"{os.path.dirname(str(manager.directory))}; the same command resumes from it",

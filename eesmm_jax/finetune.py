@@ -291,11 +291,15 @@ def finetune(config, workdir: str, mesh, num_classes: int,
   eval_step = jax.jit(make_eval_step(p.model))
 
   # --- Loop.
-  batches = finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
-                                                    start_step=start)
+  batches = core.prefetch(
+      finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
+                                              start_step=start),
+      lambda local: {k: core.global_batch_from_local(local[k], p.data_sharding)
+                     for k in ("image", "label")})
   log = core.MetricsLog(workdir, steps, config.batch_size, mesh.size)
   log.start(start)
   preemption = core.Preemption()
+  watch = core.FiniteWatch(manager, config.max_skipped_steps, config.dtype == "float16")
   last = steps if stop_after is None else min(steps, stop_after)
 
   def run_eval(step):
@@ -308,15 +312,16 @@ def finetune(config, workdir: str, mesh, num_classes: int,
 
   try:
     for step in range(start + 1, last + 1):
-      local = next(batches)
-      batch = {k: core.global_batch_from_local(local[k], p.data_sharding)
-               for k in ("image", "label")}
-      state, metrics = train_step(state, batch)
-      core.check_finite(step, metrics, state, manager, config.max_skipped_steps)
-      if step % config.log_every == 0 or step == last:
+      state, metrics = train_step(state, next(batches))
+      watch.add(step, metrics)
+      logged, periodic = step % config.log_every == 0 or step == last, (
+          step % config.checkpoint_every == 0 or step == last)
+      preempted = preemption.reached(step)
+      if logged or periodic or preempted:
+        watch.check()
+      if logged:
         log.write(step, metrics)
-      if core.save_checkpoint(manager, state, step, step % config.checkpoint_every == 0 or
-                              step == last, preemption):
+      if core.save_checkpoint(manager, state, step, periodic, preempted):
         break
       if config.eval_every and step % config.eval_every == 0 and step != steps:
         run_eval(step)

@@ -62,24 +62,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])
 
   # --- Loop.
-  batches = data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
-                                          source=p.source)
+  batches = core.prefetch(
+      data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
+                                    source=p.source),
+      lambda batch: core.global_batch_from_local(batch["image"], p.data_sharding))
   # Unreadable files a folder source skips (logged by name when it was listed).
   num_bad_images = len(p.source.bad_images)
   log = core.MetricsLog(workdir, steps, config.batch_size, p.mesh.size)
   log.start(start)
   preemption = core.Preemption()
+  watch = core.FiniteWatch(manager, config.max_skipped_steps, config.dtype == "float16")
   picture_batch = None
   last = steps if stop_after is None else min(steps, stop_after)
   try:
     for step in range(start + 1, last + 1):
-      images = core.global_batch_from_local(next(batches)["image"], p.data_sharding)
+      images = next(batches)
       state, metrics = train_step(state, images)
-      core.check_finite(step, metrics, state, manager, config.max_skipped_steps)
+      watch.add(step, metrics)
+      # The host reads device values only here: at log, checkpoint and preemption steps.
+      logged, periodic = step % config.log_every == 0 or step == last, (
+          step % config.checkpoint_every == 0 or step == last)
+      preempted = preemption.reached(step)
+      if logged or periodic or preempted:
+        watch.check()
       if picture_batch is None:
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(config.objective.num_mix * 4, images.shape[0])]
-      if step % config.log_every == 0 or step == last:
+      if logged:
         log.write(step, {**metrics, "bad_images": num_bad_images})
       if step == start + 1:
         # Throughput is measured from here on: the first step includes compilation.
@@ -91,8 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if config.picture_every and (step % config.picture_every == 0 or step == steps):
         aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
         pictures.write_reconstructions(workdir, step, aux, log.writer)
-      if core.save_checkpoint(manager, state, step, step % config.checkpoint_every == 0 or
-                              step == last, preemption):
+      if core.save_checkpoint(manager, state, step, periodic, preempted):
         break
   finally:
     # Saves already started finish; one cut short by a kill is never restored.

@@ -173,3 +173,29 @@ def test_a_step_too_large_for_the_stated_memory_stops_before_training(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "metrics.jsonl") or \
       not open(tmp_path / "run" / "metrics.jsonl").read()
   assert not [d for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
+
+
+def test_finiteness_checked_at_log_and_checkpoint_steps_names_the_first_bad_step(
+    tmp_path, monkeypatch):
+  """No read-back per step: with log_every 4 the check at step 4 finds that step 3 was the
+  first non-finite one; nothing after step 2 was saved."""
+  import orbax.checkpoint as ocp
+  import pytest
+
+  from eesmm_jax import core
+  from tests.test_reliability import poison_batches
+  poison_batches(monkeypatch, from_step=3)
+  with pytest.raises(core.NonFiniteError, match=r"^step 3: the loss or the gradients are not "
+                     r"finite .*last good checkpoint \(step 2\)"):
+    train.train_and_evaluate(tiny_config(total_steps=8, checkpoint_every=2, log_every=4),
+                             str(tmp_path))
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as mngr:
+    assert mngr.all_steps() == [2]
+
+
+def test_prefetch_keeps_order_and_runs_ahead():
+  from eesmm_jax import core
+  put = []
+  stream = core.prefetch(iter(range(100)), lambda b: put.append(b) or b, size=2)
+  assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+  assert put == [0, 1, 2, 3, 4, 5, 6]  # two batches on their way beyond the one taken
