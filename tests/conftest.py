@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# The CPU allocator (eesmm_jax/allocator.py) is set up when eesmm_jax is imported. glibc's
+# one-arena setting only binds threads that have not allocated yet, so import it before
+# PyTorch, TensorFlow and JAX start theirs.
+import eesmm_jax  # noqa: E402,F401
+
 # torchvision (which timm imports) crashes the interpreter when TensorFlow was loaded first, so
 # the PyTorch reference is loaded before any test module pulls TensorFlow in.
 try:

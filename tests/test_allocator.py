@@ -1,0 +1,53 @@
+"""The CPU allocator (eesmm_jax/allocator.py): on in a process started the README way
+(`python -m eesmm_jax.<module>`) and in this pytest process; off with EESMM_ALLOCATOR=system."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from eesmm_jax import allocator
+
+glibc_only = pytest.mark.skipif(allocator.glibc_version() is None or not allocator.malloc_is_glibc(),
+                                reason="the allocator is tuned where malloc is glibc's")
+
+
+def run_module(**env) -> tuple[str, int, int]:
+  """`python -m eesmm_jax.allocator` in a fresh process: (what is active, page faults of writing
+  a 256 MiB block after an equal one was freed, the block's pages)."""
+  clean = {k: v for k, v in os.environ.items() if k != allocator.ENV}
+  out = subprocess.run([sys.executable, "-m", "eesmm_jax.allocator"], env={**clean, **env},
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  active, check = out.stdout.strip().splitlines()
+  _, faults, pages = (int(n) for n in re.findall(r"\d+", check))  # 256 MiB, faults, pages
+  return active, faults, pages
+
+
+@glibc_only
+def test_readme_way_keeps_freed_memory_and_system_opts_out():
+  active, faults, pages = run_module()
+  assert active == (f"glibc {allocator.glibc_version()} "
+                    "(mallopt M_MMAP_MAX=0 M_TRIM_THRESHOLD=-1 M_ARENA_MAX=1)"), active
+  assert faults < pages // 16, (active, faults, pages)
+
+  active, system_faults, _ = run_module(EESMM_ALLOCATOR="system")
+  assert active == f"system glibc {allocator.glibc_version()} (EESMM_ALLOCATOR=system)", active
+  # glibc as it comes unmaps the freed block and faults every page of the new one in again
+  # (every 4 KiB page; where the kernel backs it with huge pages, every 2 MiB one).
+  assert system_faults > faults, (faults, system_faults)
+
+
+@glibc_only
+def test_this_pytest_process_is_tuned():
+  if os.environ.get(allocator.ENV, "auto") == "system":
+    pytest.skip("EESMM_ALLOCATOR=system")
+  assert allocator.describe().startswith("glibc"), allocator.describe()
+  faults, pages = allocator.refault_pages()
+  assert faults < pages // 16, (allocator.describe(), faults, pages)
+
+
+def test_unknown_choice_changes_nothing():
+  active, _, _ = run_module(EESMM_ALLOCATOR="tcmalloc")
+  assert active.startswith("system") and "EESMM_ALLOCATOR='tcmalloc' is not one of" in active
