@@ -109,11 +109,25 @@ def method_name(n: int) -> str:
 # ----------------------------------------------------------------------------- the device
 
 
+def cpu_model() -> str:
+  """The host CPU's model as the system names it (/proc/cpuinfo), else what platform knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def device_info() -> dict:
+  from eesmm_jax import allocator
   dev = jax.devices()[0]
   return dict(device=f"{jax.device_count()} x {dev.device_kind}", device_kind=dev.device_kind,
               platform=dev.platform, num_devices=jax.device_count(),
-              host=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+              host=f"{cpu_model()}, {os.cpu_count()} CPU cores",
+              allocator=allocator.describe(),  # in every cell: the CPU malloc it ran under
               jax_version=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
 
@@ -399,6 +413,7 @@ def markdown(cells: list[dict], meta: dict, command: str) -> str:
       "# Train-step timing: SimMIM vs EESMM (JAX) and the PyTorch SimMIM reference",
       "",
       f"Device: **{meta['device']}** ({meta['platform']}), host {meta['host']}, "
+      f"allocator {meta.get('allocator', '-')}, "
       f"JAX {meta['jax_version']}, {meta['date']}.  ",
       f"Command: `{command}`",
       "",
