@@ -37,6 +37,8 @@ setup(
         "torch": TORCH,
         # The demo's real images: scikit-learn's digits ship inside the package.
         "demo": ["scikit-learn>=1.3"],
-        "test": ["pytest>=8", "scikit-learn>=1.3"] + TORCH,
+        # `python -m eesmm_jax.study`: the demo's digits, and matplotlib for study.png.
+        "study": ["scikit-learn>=1.3", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.8"] + TORCH,
     },
 )

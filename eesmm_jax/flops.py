@@ -3,6 +3,9 @@
     python -m eesmm_jax.flops                        # Swin-B at 192/window 6 and 224/window 7
     python -m eesmm_jax.flops --variant swin_tiny --images 24
 
+`step_flops` counts any encoder and objective config (the study, `eesmm_jax.study`, counts its
+small Swin with it).
+
 The step is value_and_grad of the objective plus an AdamW update, lowered on abstract shapes
 (`jax.eval_shape`), so nothing is allocated or run: only compiled (a minute or two per step for
 Swin-B on a small CPU). FLOPs per image = the step's FLOPs / images per step, where one step
@@ -17,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from eesmm_jax import objectives
@@ -27,18 +31,25 @@ SHAPES = ((192, 6), (224, 7))
 
 def train_step_flops(variant: str, img_size: int, window_size: int, num_mix: int,
                      images: int) -> float:
-  """FLOPs of one compiled train step over `images` images (XLA's count, forward + backward +
-  optimizer)."""
+  """FLOPs of one compiled train step over `images` images of a named Swin variant with EESMM's
+  default objective at `num_mix` (XLA's count, forward + backward + optimizer)."""
   encoder = swin.create_model(variant, img_size=img_size, window_size=window_size,
                               num_classes=0, use_mask_token=True, drop_path_rate=0.0)
-  cfg = objectives.default_objective_config()
-  cfg.num_mix = num_mix
-  model = objectives.build_model(cfg, encoder)
-  loss_fn = objectives.build_objective(cfg, model)
+  objective = objectives.default_objective_config()
+  objective.num_mix = num_mix
+  return step_flops(encoder, objective, images)
+
+
+def step_flops(encoder, objective: ml_collections.ConfigDict, images: int) -> float:
+  """FLOPs of one compiled train step over `images` images: value_and_grad of `objective` on
+  `encoder` (any Swin built with use_mask_token=True, num_classes=0) plus an AdamW update."""
+  model = objectives.build_model(objective, encoder)
+  loss_fn = objectives.build_objective(objective, model)
   tx = optax.adamw(1e-4, weight_decay=0.05)
-  side = img_size // encoder.patch_size
+  image = (encoder.img_size, encoder.img_size, encoder.in_chans)
+  side = encoder.img_size // encoder.patch_size
   params = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32),
+                          jax.ShapeDtypeStruct((1,) + image, jnp.float32),
                           jax.ShapeDtypeStruct((1, side, side), jnp.int32))["params"]
   opt_state = jax.eval_shape(tx.init, params)
 
@@ -47,7 +58,7 @@ def train_step_flops(variant: str, img_size: int, window_size: int, num_mix: int
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  batch = jax.ShapeDtypeStruct((images, img_size, img_size, 3), jnp.float32)
+  batch = jax.ShapeDtypeStruct((images,) + image, jnp.float32)
   rng = jax.eval_shape(jax.random.key, 0)
   cost = jax.jit(train_step).lower(params, opt_state, batch, rng).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation

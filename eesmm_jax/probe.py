@@ -1,10 +1,14 @@
-"""Linear probe: a frozen encoder's pooled features, then a linear softmax classifier.
+"""Frozen-feature evaluation: a frozen encoder's pooled features, then a linear softmax
+classifier (linear probe) or a k-nearest-neighbour vote (k-NN).
 
 Cheap enough to run after every pretraining: features are extracted once, and the classifier is
-full-batch AdamW on standardised features in one jitted `lax.scan`.
+full-batch AdamW on standardised features in one jitted `lax.scan`. The k-NN needs no training at
+all, so it also scores features that a linear layer could not separate.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +31,19 @@ def fit_linear_classifier(x: np.ndarray, y: np.ndarray, num_classes: int, steps:
                           learning_rate: float = 0.05, weight_decay: float = 1e-3):
   """-> (predict_fn, train_accuracy). Features are standardised with the training statistics."""
   mean, std = x.mean(0), x.std(0) + 1e-6
+  w = _fit_softmax(jnp.asarray((x - mean) / std), jnp.asarray(y), num_classes, steps,
+                   learning_rate, weight_decay)
+  predict = lambda f: np.asarray(jnp.argmax(((f - mean) / std) @ w["kernel"] + w["bias"], -1))
+  return predict, float((predict(x) == y).mean())
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _fit_softmax(xs, ys, num_classes: int, steps: int, learning_rate: float,
+                 weight_decay: float) -> dict:
+  """Full-batch AdamW from zero weights. The features are arguments, not constants, so probes
+  of features of one shape (a study's every encoder) share one compiled program."""
   tx = optax.adamw(learning_rate, weight_decay=weight_decay)
-  w = {"kernel": jnp.zeros((x.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
-  xs, ys = jnp.asarray((x - mean) / std), jnp.asarray(y)
+  w = {"kernel": jnp.zeros((xs.shape[1], num_classes)), "bias": jnp.zeros((num_classes,))}
 
   def loss(w):
     logits = xs @ w["kernel"] + w["bias"]
@@ -41,12 +55,32 @@ def fit_linear_classifier(x: np.ndarray, y: np.ndarray, num_classes: int, steps:
     updates, opt = tx.update(grads, opt, w)
     return (optax.apply_updates(w, updates), opt), None
 
-  (w, _), _ = jax.jit(lambda w: jax.lax.scan(step, (w, tx.init(w)), None, length=steps))(w)
-  predict = lambda f: np.asarray(jnp.argmax(((f - mean) / std) @ w["kernel"] + w["bias"], -1))
-  return predict, float((predict(x) == y).mean())
+  (w, _), _ = jax.lax.scan(step, (w, tx.init(w)), None, length=steps)
+  return w
 
 
 def linear_probe_accuracy(train_xy, test_xy, num_classes: int) -> float:
   predict, _ = fit_linear_classifier(*train_xy, num_classes)
   x, y = test_xy
   return float((predict(x) == y).mean())
+
+
+def knn_accuracy(train_xy, test_xy, num_classes: int, k: int = 20) -> float:
+  """Top-1 of a k-nearest-neighbour majority vote on cosine similarity.
+
+  Each test feature takes the most common label of its k most similar training features; a tied
+  vote goes to the class whose neighbours are the more similar in total. Dense: memory grows as
+  test x train examples (fine for thousands, not for ImageNet).
+  """
+  (x_train, y_train), (x_test, y_test) = train_xy, test_xy
+  unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+  similarity = unit(np.asarray(x_test, np.float64)) @ unit(np.asarray(x_train, np.float64)).T
+  k = min(k, len(y_train))
+  nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+  votes = np.zeros((len(y_test), num_classes))
+  rows = np.arange(len(y_test))[:, None]
+  np.add.at(votes, (rows, y_train[nearest]), 1.0)
+  # The tie-break: a class's summed similarity lies in [-k, k], so scaled by 1 / (2k + 2) it
+  # moves a class's score by less than 1/2 and never overturns a difference in counts.
+  np.add.at(votes, (rows, y_train[nearest]), similarity[rows, nearest] / (2 * k + 2))
+  return float((votes.argmax(1) == y_test).mean())
