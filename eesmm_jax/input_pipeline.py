@@ -496,9 +496,9 @@ def check_images(root: str, paths: list[str]) -> dict[str, str]:
   A verdict is keyed by the file's mtime and size (its content), and by its mode bits, inode
   and ctime (chmod, chown and ACL changes move the ctime; a replaced file has a new inode), so
   a change of permissions is judged again. A cached 'readable' of a local file is confirmed by
-  opening it, and a failure to read is never reused: both can change with nothing on the file changing
-  (group membership, a remounted share). Links that lead nowhere are bad images too; their
-  verdicts are not kept (nothing to key them by)."""
+  opening it, and a failure to read is never reused: both can change with nothing on the file
+  changing (group membership, a remounted share). Links that lead nowhere are bad images too;
+  their verdicts are not kept (nothing to key them by)."""
   candidates = _manifest_paths(root)
   known = next((m for m in map(_read_manifest, candidates) if m), {})
   local = _is_local(root)

@@ -1,7 +1,10 @@
 """Bad files in a folder source: skipped, named in the log, counted; odd colour modes become RGB."""
+import builtins
 import io
 import logging
 import os
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -130,7 +133,8 @@ def test_unwritable_folder_keeps_its_manifest_in_the_user_cache(folder, monkeypa
   ip.list_folder(str(folder), "train")
   written = [os.path.join(d, f) for d, _, files in os.walk(cache) for f in files]
   assert len(written) == 1 and written[0].endswith(".tsv")
-  assert sum(1 for _ in open(written[0])) == len(GOOD) + len(BAD)
+  lines = open(written[0]).read().splitlines()
+  assert lines[0].startswith("# eesmm_jax image check") and len(lines) == 1 + len(GOOD) + len(BAD)
   assert not [f for f in os.listdir(folder / "train") if ".tmp." in f]
 
 
@@ -139,3 +143,102 @@ def test_folder_without_a_readable_image_is_an_error(tmp_path):
     (tmp_path / name).write_bytes(data)
   with pytest.raises(ValueError, match=r"no readable image in .*all 8 files fail to decode"):
     ip.list_folder(str(tmp_path), "train")
+
+
+# ----------------------------------------------------------------------------- permissions
+# As root every file is readable whatever its mode, so these tests change what the cache key
+# sees (mode, ctime, inode) and inject the failure to open instead of relying on chmod 000.
+def checked_again(folder, monkeypatch):
+  """Lists the folder as a new process would and returns the names it decoded again."""
+  ip._manifests.clear()
+  decoded, real = [], ip.image_problem
+  monkeypatch.setattr(ip, "image_problem",
+                      lambda p: decoded.append(os.path.basename(p)) or real(p))
+  ip.list_folder(str(folder), "train")
+  monkeypatch.setattr(ip, "image_problem", real)
+  return decoded
+
+
+@pytest.mark.parametrize("change", ["chmod", "chmod_same_mode", "replaced"])
+def test_a_permission_change_is_judged_again(folder, monkeypatch, change):
+  """The verdict's key holds mode bits (chmod), ctime (chmod, chown, ACLs; here a chmod to the
+  same mode) and inode (a file replaced by one of the same mtime and size)."""
+  ip.list_folder(str(folder), "train")
+  assert checked_again(folder, monkeypatch) == []
+  path = folder / "train" / "rgb_png" / "rgb.png"
+  time.sleep(0.05)  # the ctime clock ticks in milliseconds
+  if change == "chmod":
+    os.chmod(path, 0o400)
+  elif change == "chmod_same_mode":
+    os.chmod(path, os.stat(path).st_mode & 0o7777)
+  else:
+    shutil.copy2(path, str(path) + ".new")  # same bytes and mtime, another inode
+    os.replace(str(path) + ".new", path)
+  assert checked_again(folder, monkeypatch) == ["rgb.png"]
+  assert checked_again(folder, monkeypatch) == []  # the new verdict is kept
+
+
+def refuse(monkeypatch, name):
+  """Opening files called `name` fails as on a file without read permission."""
+  def fake_open(path, *args, **kw):
+    if os.path.basename(str(path)) == name:
+      raise PermissionError(13, "Permission denied", str(path))
+    return builtins.open(path, *args, **kw)
+  monkeypatch.setattr(ip, "open", fake_open, raising=False)
+
+
+def test_a_file_that_becomes_unreadable_is_skipped_and_comes_back(folder, monkeypatch):
+  ip.list_folder(str(folder), "train")  # every verdict cached
+  refuse(monkeypatch, "rgb.png")          # e.g. its group lost read access: nothing on it changes
+  ip._manifests.clear()
+  paths, _, _ = ip.list_folder(str(folder), "train")
+  assert "rgb.png" not in names(paths)
+  why = dict((os.path.basename(p), w) for p, w in ip.bad_images(folder_config(folder)))
+  assert why["rgb.png"] == "cannot read the file (Permission denied)"
+
+  monkeypatch.undo()  # readable again, still with nothing changed on the file
+  ip._manifests.clear()
+  paths, _, _ = ip.list_folder(str(folder), "train")
+  assert "rgb.png" in names(paths)
+
+
+def test_a_cached_read_failure_is_never_reused(folder, monkeypatch):
+  """A stale 'cannot read' verdict would skip a readable file for ever."""
+  real = ip.image_problem
+  monkeypatch.setattr(ip, "image_problem", lambda p: "cannot read the file (Permission denied)"
+                      if p.endswith("rgb.png") else real(p))
+  assert "rgb.png" not in names(ip.list_folder(str(folder), "train")[0])
+  monkeypatch.undo()
+  ip._manifests.clear()
+  assert "rgb.png" in names(ip.list_folder(str(folder), "train")[0])
+
+
+def test_a_manifest_of_the_old_format_is_checked_again(folder, monkeypatch):
+  """Manifests written before the key held mode, inode and ctime: read as empty, no error."""
+  manifest = folder / "train" / ip.IMAGE_CHECK_FILE
+  manifest.write_text("".join(f"1\t2\t\t{n.replace('.', '_')}/{n}\n" for n in GOOD))
+  every = sorted(n for n in list(GOOD) + list(BAD) if n != "empty.jpg")  # 0 bytes: no decode
+  assert sorted(checked_again(folder, monkeypatch)) == every
+  assert manifest.read_text().startswith("# eesmm_jax image check v2")
+  assert checked_again(folder, monkeypatch) == []
+
+
+def test_chmod_000_then_back(folder):
+  """The real thing, where the tests run without the right to read any file."""
+  path = folder / "train" / "rgb_png" / "rgb.png"
+  ip.list_folder(str(folder), "train")
+  os.chmod(path, 0)
+  try:
+    open(path, "rb").close()
+    os.chmod(path, 0o644)
+    pytest.skip("this process reads files whatever their mode (root, CAP_DAC_OVERRIDE): the "
+                "tests above cover it by injection")
+  except PermissionError:
+    pass
+  try:
+    ip._manifests.clear()
+    assert "rgb.png" not in names(ip.list_folder(str(folder), "train")[0])
+  finally:
+    os.chmod(path, 0o644)
+  ip._manifests.clear()
+  assert "rgb.png" in names(ip.list_folder(str(folder), "train")[0])
