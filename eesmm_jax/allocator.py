@@ -20,13 +20,15 @@ start, so they would need a re-exec):
                           allocated yet, which is why it is set on import, before JAX,
                           TensorFlow or PyTorch start theirs.
 
-The price: the process's resident memory stays at its peak until it exits.
+The price: the process's resident memory stays at its peak until it exits, and as large blocks
+now share one heap with small ones, a fragmented heap can raise that peak (docs/timing.md).
 
-`EESMM_ALLOCATOR=system` leaves the allocator as it comes. Where the C library is not glibc
-(macOS, musl) or malloc is not glibc's (an allocator preloaded with LD_PRELOAD), nothing is
-changed and `describe()` says why. `describe()` is recorded in every cell of the benchmark;
-`python -m eesmm_jax.allocator` prints it and the page faults of writing a 256 MiB block after an
-equal one was freed (0 when freed memory is kept, 65,536 when it is mapped afresh).
+`EESMM_ALLOCATOR=system` leaves the allocator as it comes (`auto`, the default, and `glibc`
+tune it). Where the C library is not glibc (macOS, musl) or malloc is not glibc's (an allocator
+preloaded with LD_PRELOAD), nothing is changed and `describe()` says why. `describe()` is
+recorded in every cell of the benchmark; `python -m eesmm_jax.allocator` prints it and the page
+faults of writing a 256 MiB block after an equal one was freed (0 when freed memory is kept,
+65,536 when it is mapped afresh).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import sys
 from typing import Optional
 
 ENV = "EESMM_ALLOCATOR"
-CHOICES = ("auto", "system")
+CHOICES = ("auto", "glibc", "system")  # auto and glibc: the same tuning
 
 # glibc's mallopt parameter numbers (<malloc.h>) and the values set.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -90,7 +92,8 @@ def setup() -> str:
   elif version is None:
     _active = f"system (the C library is not glibc: {sys.platform})"
   elif not malloc_is_glibc():
-    _active = f"preloaded malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD', '?')}; glibc left as it is)"
+    _active = (f"preloaded malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD', '?')}; "
+               "glibc left as it is)")
   else:
     mallopt = _symbol(None, "mallopt")
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

@@ -9,8 +9,9 @@ import pytest
 
 from eesmm_jax import allocator
 
-glibc_only = pytest.mark.skipif(allocator.glibc_version() is None or not allocator.malloc_is_glibc(),
-                                reason="the allocator is tuned where malloc is glibc's")
+glibc_only = pytest.mark.skipif(
+    allocator.glibc_version() is None or not allocator.malloc_is_glibc(),
+    reason="the allocator is tuned where malloc is glibc's")
 
 
 def run_module(**env) -> tuple[str, int, int]:
@@ -46,6 +47,11 @@ def test_this_pytest_process_is_tuned():
   assert allocator.describe().startswith("glibc"), allocator.describe()
   faults, pages = allocator.refault_pages()
   assert faults < pages // 16, (allocator.describe(), faults, pages)
+
+
+@glibc_only
+def test_glibc_is_auto():
+  assert run_module(EESMM_ALLOCATOR="glibc")[0] == run_module()[0]
 
 
 def test_unknown_choice_changes_nothing():
