@@ -301,6 +301,18 @@ class FiniteWatch:
             f"a lower lr.")
 
 
+def step_boundary(step: int, last: int, config, preemption: "Preemption",
+                  watch: FiniteWatch) -> tuple[bool, bool, bool]:
+  """After `step`: (log it, save periodically, preempted). Whenever any holds, the steps since
+  the previous boundary are checked for finiteness: the loop's only reads of device values."""
+  logged = step % config.log_every == 0 or step == last
+  periodic = step % config.checkpoint_every == 0 or step == last
+  preempted = preemption.reached(step)
+  if logged or periodic or preempted:
+    watch.check()
+  return logged, periodic, preempted
+
+
 def prefetch(batches, put: Callable, size: int = 2):
   """`put(batch)` (host -> sharded device arrays, asynchronous) `size` batches ahead of the
   step that takes them, so the copy overlaps the running step."""

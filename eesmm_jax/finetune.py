@@ -314,11 +314,7 @@ def finetune(config, workdir: str, mesh, num_classes: int,
     for step in range(start + 1, last + 1):
       state, metrics = train_step(state, next(batches))
       watch.add(step, metrics)
-      logged, periodic = step % config.log_every == 0 or step == last, (
-          step % config.checkpoint_every == 0 or step == last)
-      preempted = preemption.reached(step)
-      if logged or periodic or preempted:
-        watch.check()
+      logged, periodic, preempted = core.step_boundary(step, last, config, preemption, watch)
       if logged:
         log.write(step, metrics)
       if core.save_checkpoint(manager, state, step, periodic, preempted):

@@ -79,12 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       images = next(batches)
       state, metrics = train_step(state, images)
       watch.add(step, metrics)
-      # The host reads device values only here: at log, checkpoint and preemption steps.
-      logged, periodic = step % config.log_every == 0 or step == last, (
-          step % config.checkpoint_every == 0 or step == last)
-      preempted = preemption.reached(step)
-      if logged or periodic or preempted:
-        watch.check()
+      logged, periodic, preempted = core.step_boundary(step, last, config, preemption, watch)
       if picture_batch is None:
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(config.objective.num_mix * 4, images.shape[0])]
