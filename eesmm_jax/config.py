@@ -31,6 +31,9 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # A resume refuses a workdir written with another model, img_size, batch_size, objective or
+  # mode (its config.json); name the keys here, comma-separated, to resume anyway.
+  c.resume_allow = ""
   # Shard params and optimizer state over the data axis (FSDP) instead of replicating them.
   c.fsdp = False
   # fp16: a run stops when this many steps in a row overflow (the loss itself is then broken).

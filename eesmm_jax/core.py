@@ -1,20 +1,18 @@
 """What every trainer shares (pretraining, fine-tuning, the benchmark): the trainer core.
 
 As big_vision keeps `utils.py` beside `train.py`: the train state, the mesh and shardings, the
-objective-agnostic step factory, checkpoints (manager, restore, fit check), preemption, the
-metrics log, and the one way to load encoder weights. The loops that use them are `train.py`
-(pretraining) and `finetune.py`; `plan.py` resolves a config into what they need.
+objective-agnostic step factory and its compilation, input prefetch, and the one way to load
+encoder weights. The loops that use them are `train.py` (pretraining) and `finetune.py`;
+`plan.py` resolves a config into what they need, `workdir.py` holds a run's workdir (lock,
+config record, checkpoints, metrics, signals).
 
-Imports only JAX, Flax, Optax, Orbax and numpy (clu's TensorBoard writer when it is installed):
-no TensorFlow, so a synthetic-data run works on accelerator images without it.
+Imports only JAX, Flax, Optax, Orbax and numpy: no TensorFlow, so a synthetic-data run works on
+accelerator images without it.
 """
 from __future__ import annotations
 
 import collections
-import json
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -27,7 +25,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 from flax.training.dynamic_scale import DynamicScale
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eesmm_jax import convert
@@ -267,52 +264,6 @@ def compile_train_step(plan, state: TrainState, batch) -> Any:
   return compiled
 
 
-class FiniteWatch:
-  """Checks that steps were finite without a device-to-host read per step: the few scalars of
-  each step stay on the device until `check`, at log, checkpoint and preemption steps.
-
-  A non-finite step leaves params and optimizer state untouched (`make_train_step`), so running
-  on to the next check changes nothing that is kept; the check comes before any save, so a
-  non-finite step is never saved, and it names the first bad step. fp32/bf16 stop on it; fp16
-  skips it (dynamic loss scaling) and stops after `max_skipped` in a row.
-  """
-  KEYS = ("finite", "loss", "grad_norm", "skipped_in_a_row", "loss_scale")
-
-  def __init__(self, manager, max_skipped: int, fp16: bool):
-    self.manager, self.max_skipped, self.fp16 = manager, max_skipped, fp16
-    self.pending: list[tuple[int, dict]] = []
-
-  def add(self, step: int, metrics: dict) -> None:
-    self.pending.append((step, {k: metrics[k] for k in self.KEYS if k in metrics}))
-
-  def check(self) -> None:
-    rows, self.pending = jax.device_get(self.pending), []
-    for step, m in rows:
-      if not m["finite"] and not self.fp16:
-        raise NonFiniteError(
-            f"step {step}: the loss or the gradients are not finite (loss {float(m['loss'])}, "
-            f"grad norm {float(m['grad_norm'])}); stopping. {last_good(self.manager)} Try a "
-            f"lower optim.base_lr, or dtype 'float32'.")
-      if m["skipped_in_a_row"] > self.max_skipped:
-        raise NonFiniteError(
-            f"step {step}: {int(m['skipped_in_a_row'])} fp16 steps in a row overflowed (loss "
-            f"scale now {float(m['loss_scale']):g}): the loss itself is not finite, not just "
-            f"the fp16 range. {last_good(self.manager)} Try dtype 'bfloat16' or 'float32', or "
-            f"a lower lr.")
-
-
-def step_boundary(step: int, last: int, config, preemption: "Preemption",
-                  watch: FiniteWatch) -> tuple[bool, bool, bool]:
-  """After `step`: (log it, save periodically, preempted). Whenever any holds, the steps since
-  the previous boundary are checked for finiteness: the loop's only reads of device values."""
-  logged = step % config.log_every == 0 or step == last
-  periodic = step % config.checkpoint_every == 0 or step == last
-  preempted = preemption.reached(step)
-  if logged or periodic or preempted:
-    watch.check()
-  return logged, periodic, preempted
-
-
 def prefetch(batches, put: Callable, size: int = 2):
   """`put(batch)` (host -> sharded device arrays, asynchronous) `size` batches ahead of the
   step that takes them, so the copy overlaps the running step."""
@@ -320,104 +271,6 @@ def prefetch(batches, put: Callable, size: int = 2):
   while True:
     queue.append(put(next(batches)))
     yield queue.popleft()
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  """Async Orbax saves into <workdir>/checkpoints, keeping the last `keep`. A save is written to
-  a temporary directory and renamed when complete, so a kill never leaves a half checkpoint
-  that a restart would pick up."""
-  return ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), item_handlers=ocp.StandardCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=True))
-
-
-def restore_or_init(manager, state_shapes, state_sharding, init):
-  """The latest checkpoint, restored onto this run's shardings (which also reshards one saved
-  on another number of devices, or with(out) FSDP); else `init()`."""
-  latest = manager.latest_step()
-  if latest is None:
-    return init()
-  check_checkpoint_fits(manager.item_metadata(latest), state_shapes,
-                        f"at step {latest} in {os.path.dirname(str(manager.directory))}")
-  abstract = jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      state_shapes, state_sharding)
-  state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-  logging.info("resumed from %s at step %d", manager.directory, int(state.step))
-  return state
-
-
-def save_checkpoint(manager, state, step: int, periodic: bool, preempted: bool) -> bool:
-  """Saves when `periodic` or when preempted; True when the run must stop (preemption)."""
-  if preempted:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    print(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
-          f"{os.path.dirname(str(manager.directory))}; the same command resumes from it",
-          flush=True)
-    return True
-  if periodic:
-    manager.save(step, args=ocp.args.StandardSave(state))
-  return False
-
-
-def _leaf_shapes(tree) -> dict[str, tuple]:
-  """{"['params']['encoder']['norm']['scale']": shape}: `keystr` with simple keys spells dict
-  keys and dataclass fields alike, so a saved checkpoint's metadata and the state compare."""
-  return {jax.tree_util.keystr(path, simple=True, separator="/"):
-          tuple(getattr(leaf, "shape", ()) or ())
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def check_checkpoint_fits(metadata, state_shapes, where: str) -> None:
-  """Refuses a checkpoint of another model or shape before anything is loaded."""
-  saved, wanted = _leaf_shapes(metadata), _leaf_shapes(state_shapes)
-  for key, shape in wanted.items():
-    if key not in saved:
-      raise ValueError(f"the checkpoint {where} does not fit this config: it has no {key} "
-                       f"(the model expects shape {shape}); it was written by another model "
-                       f"or objective: use another --workdir, or the config that wrote it")
-    if saved[key] != shape:
-      raise ValueError(f"the checkpoint {where} does not fit this config: first mismatch at "
-                       f"{key}: checkpoint shape {saved[key]}, model expects {shape}")
-  extra = sorted(set(saved) - set(wanted))
-  if extra:
-    raise ValueError(f"the checkpoint {where} does not fit this config: it holds "
-                     f"{extra[:5]} that the model does not have")
-
-
-def last_good(manager) -> str:
-  step = manager.latest_step()
-  if step is None:
-    return "No checkpoint was saved yet."
-  return f"The last good checkpoint (step {step}) is kept in {manager.directory}."
-
-
-class Preemption:
-  """SIGTERM (or JAX's preemption notice on several processes) -> stop at a step boundary.
-
-  Several processes must stop at the same step, so there we use JAX's preemption sync point,
-  which agrees on the step through the distributed runtime; one process catches SIGTERM itself.
-  """
-
-  def __init__(self):
-    self.requested = threading.Event()
-    self.multiprocess = jax.process_count() > 1
-    if not self.multiprocess and threading.current_thread() is threading.main_thread():
-      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
-
-  def reached(self, step: int) -> bool:
-    if self.multiprocess:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested.is_set()
-
-  def close(self):
-    if hasattr(self, "previous"):
-      signal.signal(signal.SIGTERM, self.previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,72 +358,3 @@ def merge_params(init: dict, loaded: dict) -> dict:
   for path, value in traverse_util.flatten_dict(loaded).items():
     flat[path] = np.asarray(value, np.asarray(flat[path]).dtype)
   return traverse_util.unflatten_dict(flat)
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics.
-
-
-class _NoWriter:
-  """Stands in for clu's writer where clu (and so TensorBoard output) is not installed."""
-
-  def write_scalars(self, step, scalars):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def close(self):
-    pass
-
-
-def summary_writer(workdir: str):
-  """clu's TensorBoard writer on process 0; without clu, one warning and none."""
-  if jax.process_index() != 0:
-    return _NoWriter()
-  try:
-    from clu import metric_writers
-  except ImportError:
-    print("warning: clu is not installed, so no TensorBoard output; metrics.jsonl has every "
-          "logged value", flush=True)
-    return _NoWriter()
-  return metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-
-class MetricsLog:
-  """Console progress line, TensorBoard (clu writer) and `<workdir>/metrics.jsonl`."""
-
-  def __init__(self, workdir: str, total: int, global_batch: int, num_devices: int):
-    self.lead = jax.process_index() == 0
-    self.writer = summary_writer(workdir)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.lead else None
-    self.total, self.global_batch, self.num_devices = total, global_batch, num_devices
-    self.last_step, self.last_time = None, None
-
-  def start(self, step: int):
-    self.last_step, self.last_time = step, time.perf_counter()
-
-  def write_row(self, step: int, row: dict) -> None:
-    """One row to TensorBoard and metrics.jsonl (the console line is the caller's)."""
-    self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
-    if self.lead:
-      self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
-      self.jsonl.flush()
-
-  def write(self, step: int, metrics: dict) -> dict:
-    now = time.perf_counter()
-    rate = (step - self.last_step) * self.global_batch / max(now - self.last_time, 1e-9)
-    self.last_step, self.last_time = step, now
-    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    row.update(images_per_sec=rate, images_per_sec_per_device=rate / self.num_devices)
-    self.write_row(step, row)
-    if self.lead:
-      eta = (self.total - step) * self.global_batch / max(rate, 1e-9)
-      print(f"step {step:>7d}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-            f"{rate:8.1f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
-    return {"step": step, **row}
-
-  def close(self):
-    self.writer.close()
-    if self.jsonl:
-      self.jsonl.close()

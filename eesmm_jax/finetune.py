@@ -36,6 +36,7 @@ from eesmm_jax import augment
 from eesmm_jax import config as config_lib
 from eesmm_jax import core, data, finetune_input, input_pipeline, probe
 from eesmm_jax import plan as plan_lib
+from eesmm_jax import workdir as workdir_lib
 from eesmm_jax.models import swin
 
 MODES = ("finetune", "eval", "probe")
@@ -278,46 +279,41 @@ def finetune(config, workdir: str, mesh, num_classes: int,
     return jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(config.seed),
                                                                  params)
 
-  manager = core.checkpoint_manager(workdir, config.keep_checkpoints)
-  state = core.restore_or_init(manager, p.state_shapes, p.state_sharding, init)
-  start = int(state.step)
+  with workdir_lib.Run(p, init) as run:  # lock, config.json, restore (or init), metrics log
+    state, start = run.state, run.start
 
-  # --- The steps.
-  s = config.img_size
-  train_step = core.compile_train_step(p, state, {
-      "image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
-                                    sharding=p.data_sharding),
-      "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=p.data_sharding)})
-  eval_step = jax.jit(make_eval_step(p.model))
+    # --- The steps.
+    s = config.img_size
+    train_step = core.compile_train_step(p, state, {
+        "image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
+                                      sharding=p.data_sharding),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                      sharding=p.data_sharding)})
+    eval_step = jax.jit(make_eval_step(p.model))
 
-  # --- Loop.
-  batches = core.prefetch(
-      finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
-                                              start_step=start),
-      lambda local: {k: core.global_batch_from_local(local[k], p.data_sharding)
-                     for k in ("image", "label")})
-  log = core.MetricsLog(workdir, steps, config.batch_size, mesh.size)
-  log.start(start)
-  preemption = core.Preemption()
-  watch = core.FiniteWatch(manager, config.max_skipped_steps, config.dtype == "float16")
-  last = steps if stop_after is None else min(steps, stop_after)
+    # --- Loop.
+    batches = core.prefetch(
+        finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
+                                                start_step=start),
+        lambda local: {k: core.global_batch_from_local(local[k], p.data_sharding)
+                       for k in ("image", "label")})
+    last = steps if stop_after is None else min(steps, stop_after)
 
-  def run_eval(step):
-    result = evaluate(eval_step, state.params, _eval_batches(config), p.data_sharding)
-    log.write_row(step, {f"eval_{k}": v for k, v in result.items()})
-    if log.lead:
-      print(f"step {step:>7d}  eval top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
-            f"({result['count']} images)", flush=True)
-    return result
+    def run_eval(step):
+      result = evaluate(eval_step, state.params, _eval_batches(config), p.data_sharding)
+      run.log.write_row(step, {f"eval_{k}": v for k, v in result.items()})
+      if run.log.lead:
+        print(f"step {step:>7d}  eval top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  "
+              f"({result['count']} images)", flush=True)
+      return result
 
-  try:
+    run.log.start(start)
     for step in range(start + 1, last + 1):
       state, metrics = train_step(state, next(batches))
-      watch.add(step, metrics)
-      logged, periodic, preempted = core.step_boundary(step, last, config, preemption, watch)
+      logged, periodic, preempted = run.boundary(step, last, metrics)
       if logged:
-        log.write(step, metrics)
-      if core.save_checkpoint(manager, state, step, periodic, preempted):
+        run.log.write(step, metrics)
+      if run.save(state, step, periodic, preempted):
         break
       if config.eval_every and step % config.eval_every == 0 and step != steps:
         run_eval(step)
@@ -326,11 +322,6 @@ def finetune(config, workdir: str, mesh, num_classes: int,
     if int(state.step) == steps and _final_eval_step(workdir) != steps:
       result = run_eval(steps)
       _write_json(workdir, "eval.json", {**result, "step": steps})
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
-    preemption.close()
   return state
 
 

@@ -7,7 +7,9 @@ Several processes (SLURM, a TPU pod, or `launch/local_multiprocess.sh`) are dete
 environment and joined with `jax.distributed.initialize()` before JAX touches a device.
 """
 
+import logging as std_logging
 import os
+import sys
 
 # TensorFlow's C++ start-up lines stay out of the console unless asked for (before TF loads).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,24 +44,41 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def quiet_libraries() -> None:
+  """The console is the progress line and our one-line errors: library INFO logs (Orbax's) come
+  with --verbosity=0. Orbax's and asyncio's error logs, dozens of lines per failed checkpoint
+  write, are left out too: every failed save or restore is reported as one CheckpointError."""
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(
+      lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+
+
 def main(argv):
   del argv
   import jax
   if not FLAGS["verbosity"].present:
-    # The console is the progress line; library INFO logs (Orbax's) with --verbosity=0.
-    logging.set_verbosity(logging.WARNING)
+    quiet_libraries()
   if launched_as_several_processes():
     initialize_distributed()
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} devices "
           f"({jax.devices()[0].device_kind})", flush=True)
+  from eesmm_jax import workdir
   mode = FLAGS.config.get("mode", "pretrain")
-  if mode == "pretrain":
-    from eesmm_jax import train
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:  # 'finetune', 'eval', 'probe' (configs/finetune_*.py, configs/linear_probe_*.py)
-    from eesmm_jax import finetune
-    finetune.run(FLAGS.config, FLAGS.workdir)
+  try:
+    if mode == "pretrain":
+      from eesmm_jax import train
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:  # 'finetune', 'eval', 'probe' (configs/finetune_*.py, configs/linear_probe_*.py)
+      from eesmm_jax import finetune
+      finetune.run(FLAGS.config, FLAGS.workdir)
+  except workdir.CheckpointError as e:
+    # One line, then out: a normal exit would let the failed write's leftover Orbax coroutines
+    # print their tracebacks at interpreter shutdown.
+    print(f"CheckpointError: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

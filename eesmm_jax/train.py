@@ -22,6 +22,7 @@ import jax
 import ml_collections
 
 from eesmm_jax import core, data, pictures, plan as plan_lib
+from eesmm_jax import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------------------------
 # The run.
@@ -50,57 +51,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
               "encoder": core.merge_params(jax.device_get(state.params["encoder"]), loaded)}
     return jax.jit(p.new_state, out_shardings=p.state_sharding)(rng, params)
 
-  manager = core.checkpoint_manager(workdir, config.keep_checkpoints)
-  state = core.restore_or_init(manager, p.state_shapes, p.state_sharding, init)
-  start = int(state.step)
+  with workdir_lib.Run(p, init) as run:  # lock, config.json, restore (or init), metrics log
+    state, start = run.state, run.start
 
-  # --- The step.
-  images_shape = jax.ShapeDtypeStruct(
-      (config.batch_size, config.img_size, config.img_size, p.encoder.in_chans), jax.numpy.float32,
-      sharding=p.data_sharding)
-  train_step = core.compile_train_step(p, state, images_shape)
-  picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])
+    # --- The step.
+    images_shape = jax.ShapeDtypeStruct(
+        (config.batch_size, config.img_size, config.img_size, p.encoder.in_chans),
+        jax.numpy.float32, sharding=p.data_sharding)
+    train_step = core.compile_train_step(p, state, images_shape)
+    picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])
 
-  # --- Loop.
-  batches = core.prefetch(
-      data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
-                                    source=p.source),
-      lambda batch: core.global_batch_from_local(batch["image"], p.data_sharding))
-  # Unreadable files a folder source skips (logged by name when it was listed).
-  num_bad_images = len(p.source.bad_images)
-  log = core.MetricsLog(workdir, steps, config.batch_size, p.mesh.size)
-  log.start(start)
-  preemption = core.Preemption()
-  watch = core.FiniteWatch(manager, config.max_skipped_steps, config.dtype == "float16")
-  picture_batch = None
-  last = steps if stop_after is None else min(steps, stop_after)
-  try:
+    # --- Loop.
+    batches = core.prefetch(
+        data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
+                                      source=p.source),
+        lambda batch: core.global_batch_from_local(batch["image"], p.data_sharding))
+    # Unreadable files a folder source skips (logged by name when it was listed).
+    num_bad_images = len(p.source.bad_images)
+    picture_batch = None
+    last = steps if stop_after is None else min(steps, stop_after)
+    run.log.start(start)
     for step in range(start + 1, last + 1):
       images = next(batches)
       state, metrics = train_step(state, images)
-      watch.add(step, metrics)
-      logged, periodic, preempted = core.step_boundary(step, last, config, preemption, watch)
+      if step == start + 1 and run.log.lead:
+        jax.block_until_ready(metrics)  # timed before any log row restarts the clock
+        print(f"first step ran in {time.perf_counter() - run.log.last_time:.1f} s (input "
+              f"start-up included)", flush=True)
+      logged, periodic, preempted = run.boundary(step, last, metrics)
       if picture_batch is None:
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(config.objective.num_mix * 4, images.shape[0])]
       if logged:
-        log.write(step, {**metrics, "bad_images": num_bad_images})
+        run.log.write(step, {**metrics, "bad_images": num_bad_images})
       if step == start + 1:
-        # Throughput is measured from here on: the first step includes compilation.
-        jax.block_until_ready(metrics)
-        if log.lead:
-          print(f"compiled and ran step {step} in {time.perf_counter() - log.last_time:.1f} s",
-                flush=True)
-        log.start(step)  # a first logged row includes it
+        run.log.start(step)  # throughput is measured from here on (a first row includes it)
       if config.picture_every and (step % config.picture_every == 0 or step == steps):
         aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
-        pictures.write_reconstructions(workdir, step, aux, log.writer)
-      if core.save_checkpoint(manager, state, step, periodic, preempted):
+        pictures.write_reconstructions(workdir, step, aux, run.log.writer)
+      if run.save(state, step, periodic, preempted):
         break
-  finally:
-    # Saves already started finish; one cut short by a kill is never restored.
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
-    preemption.close()
   return state
