@@ -220,3 +220,25 @@ def test_real_run_kill_minus_9_then_sigterm(tmp_path):
     for pid in pids:
       if alive(pid):
         os.kill(pid, signal.SIGKILL)
+
+
+def test_paper_scale_study_runs_the_protocol_through_a_given_launcher(tmp_path):
+  """The paper-scale study (not run here) runs its six trainer commands in order, each into its
+  own workdir, through $LAUNCHER; here a stand-in records them."""
+  log = tmp_path / "calls"
+  stub = tmp_path / "launcher"
+  stub.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
+  stub.chmod(0o755)
+  out = subprocess.run([os.path.join(ROOT, "launch", "study_paper_scale.sh"), str(tmp_path / "w"),
+                        "/data"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LAUNCHER": str(stub)})
+  calls = log.read_text().splitlines()
+  assert len(calls) == 6, out.stderr
+  assert calls[0].startswith("--config configs/simmim_swin_base.py:192 --workdir ")
+  assert "configs/eesmm_swin_base_192.py --config.optim.epochs=200" in calls[2]
+  assert all(f"--config.init_from={tmp_path}/w/{pre} --workdir {tmp_path}/w/ft_{pre}" in call
+             for pre, call in zip(("simmim_b192_100ep", "eesmm2_b192_100ep",
+                                   "eesmm2_b192_200ep"), calls[3:]))
+  assert all(c.endswith("--config.data.data_dir=/data") for c in calls)
+  # No eval.json was written by the stand-in: the summary says which one is missing.
+  assert out.returncode != 0 and "eval.json" in out.stderr
