@@ -48,6 +48,9 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.window_size = 6
   c.model.patch_size = 4
   c.model.drop_path_rate = 0.0
+  # Rematerialisation: none | full | dots (recompute the blocks in the backward pass; 'dots'
+  # keeps the weight matmuls' outputs). MEASURED_TRADEOFF
+  c.model.remat = "none"
   # Set these to override the named variant (e.g. a tiny Swin for tests and the demo).
   c.model.embed_dim = ml_collections.config_dict.placeholder(int)
   c.model.depths = ml_collections.config_dict.placeholder(tuple)

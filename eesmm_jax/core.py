@@ -62,7 +62,7 @@ def create_encoder(config, **overrides) -> swin.SwinTransformer:
     raise ValueError(f"config.model.name={m.name!r} is unknown; choose one of "
                      f"{sorted(swin.VARIANTS)}")
   kwargs = dict(img_size=m.img_size, window_size=m.window_size, patch_size=m.patch_size,
-                drop_path_rate=m.drop_path_rate, dtype=DTYPES[config.dtype])
+                drop_path_rate=m.drop_path_rate, dtype=DTYPES[config.dtype], remat=m.remat)
   for key in ("embed_dim", "depths", "num_heads"):
     if m.get(key) is not None:
       kwargs[key] = tuple(m[key]) if key != "embed_dim" else m[key]

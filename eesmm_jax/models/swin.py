@@ -16,6 +16,7 @@ is not larger than the window.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -33,6 +34,21 @@ LN_EPS = 1e-5
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
+
+# Rematerialisation of the blocks in the backward pass (`SwinTransformer.remat`): the
+# jax.checkpoint policy of the scan over each stage's blocks (`BasicLayer._scan_blocks`).
+# 'full' keeps only each block's input and recomputes the block. 'dots' also keeps the outputs of
+# the matmuls against weights (qkv, proj, fc1, fc2: 9C numbers per token) and recomputes
+# LayerNorm, GELU, softmax and the window-attention einsums. Those einsums have batch dimensions,
+# which is how this policy leaves them out; keeping them too (checkpoint_dots) adds their
+# [windows, heads, N, N] logits and outputs, about a quarter more per block at Swin-B's shapes,
+# to skip N/(6C) of the block's FLOPs (1-5%): 2,034 against 1,900 MiB of temporaries in a
+# Swin-B 192/6 train step at batch 8 (none 2,342, full 1,360).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,14 +106,32 @@ def effective_window(resolution: int, window_size: int, shift_size: int) -> tupl
   return window_size, shift_size
 
 
-def drop_path(x: jax.Array, rate: float, deterministic: bool, rng: Optional[jax.Array]) -> jax.Array:
-  """Stochastic depth per sample, scaled by 1/keep as timm's `drop_path`."""
-  if deterministic or rate == 0.0:
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU written as the reference defines it: 0.5 x (1 + erf(x / sqrt 2)).
+
+  `jax.nn.gelu(approximate=False)` is the same function computed through erfc(-x / sqrt 2), which
+  XLA:CPU lowers to a longer expansion: 9.6 against 5.7 ms per call and about 10% more
+  temporaries in a swin_mini step (issue 13)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))  # Python floats: keeps x's dtype
+
+
+def drop_path(x: jax.Array, rate, deterministic: bool, rng: Optional[jax.Array]) -> jax.Array:
+  """Stochastic depth per sample, scaled by 1/keep as timm's `drop_path`.
+
+  `rate` is a Python float, or a traced float32 scalar inside the remat scan (one traced body
+  serves blocks with different rates). keep = 1 - rate is formed in float32 either way, so the
+  two paths draw the same mask and scale by the same number."""
+  if deterministic or (not isinstance(rate, jax.Array) and rate == 0.0):
     return x
-  keep = 1.0 - rate
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
   mask = jax.random.bernoulli(rng, keep, shape)
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+def _split(rng: Optional[jax.Array], n: int) -> list:
+  """n keys from `rng`, or n Nones (then each Dropout asks flax for its own 'dropout' rng)."""
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,15 +163,16 @@ class Mlp(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, rng: Optional[jax.Array] = None):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=trunc_normal)
     out_features = x.shape[-1]
+    rngs = _split(rng, 2)
     x = dense(self.hidden_features, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # the reference uses exact erf GELU
-    x = nn.Dropout(self.drop)(x, deterministic=deterministic)
+    x = gelu(x)  # the reference uses exact erf GELU
+    x = nn.Dropout(self.drop)(x, deterministic=deterministic, rng=rngs[0])
     x = dense(out_features, name="fc2")(x)
-    return nn.Dropout(self.drop)(x, deterministic=deterministic)
+    return nn.Dropout(self.drop)(x, deterministic=deterministic, rng=rngs[1])
 
 
 class WindowAttention(nn.Module):
@@ -158,8 +193,10 @@ class WindowAttention(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, mask: Optional[np.ndarray] = None, deterministic: bool = True):
+  def __call__(self, x, mask: Optional[np.ndarray] = None, deterministic: bool = True,
+               rng: Optional[jax.Array] = None):
     b_, n, c = x.shape
+    rngs = _split(rng, 2)
     head_dim = c // self.num_heads
     ws = self.window_size
     table = self.param("relative_position_bias_table", trunc_normal,
@@ -195,15 +232,26 @@ class WindowAttention(nn.Module):
                         preferred_element_type=acc).astype(jnp.float32)
       attn = attn.reshape(b_ // nw, nw, self.num_heads, n, n) + bias
       attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype).reshape(b_, self.num_heads, n, n)
-      attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic)
+      attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic, rng=rngs[0])
       x = jnp.einsum("bhnm,bmhd->bnhd", attn, v)
     x = nn.Dense(c, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=trunc_normal)(x.reshape(b_, n, c))
-    return nn.Dropout(self.proj_drop)(x, deterministic=deterministic)
+    return nn.Dropout(self.proj_drop)(x, deterministic=deterministic, rng=rngs[1])
 
 
 class SwinTransformerBlock(nn.Module):
-  """(Shifted) window attention + MLP, pre-norm, with residual drop path. Input [B, H, W, C]."""
+  """(Shifted) window attention + MLP, pre-norm, with residual drop path. Input [B, H, W, C].
+
+  Randomness (training only): every draw of the block comes from `rng`, one key per block that
+  `BasicLayer` derives from the block's index, so the block draws the same whether it runs as a
+  bound submodule (remat 'none') or functionally inside the remat scan. Without `rng` the block
+  asks flax for a 'dropout' rng itself.
+
+  Inside the remat scan one traced body serves every block of a stage, so what differs between
+  blocks comes as traced call arguments: `drop_path_rate` overrides the `drop_path` field, and
+  `shifted` (a bool) says whether this block applies the `shift_size` shift and its mask (an
+  unshifted block then adds a zero mask, which changes no bit of the logits).
+  """
   dim: int
   num_heads: int
   window_size: int = 7
@@ -218,32 +266,47 @@ class SwinTransformerBlock(nn.Module):
   attention_impl: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, rng: Optional[jax.Array] = None,
+               drop_path_rate: Optional[jax.Array] = None, shifted: Optional[jax.Array] = None):
     b, h, w, c = x.shape
     ws, shift = effective_window(min(h, w), self.window_size, self.shift_size)
     norm = functools.partial(LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    rate = self.drop_path if drop_path_rate is None else drop_path_rate
+    if rng is None and not deterministic and _is_random(self.drop, self.attn_drop, rate):
+      rng = self.make_rng("dropout")
+    attn_rng, path_rng1, mlp_rng, path_rng2 = _split(rng, 4)
+
+    def roll(x, by):  # static shift: lowers to slices + concat
+      rolled = jnp.roll(x, (by, by), axis=(1, 2))
+      return rolled if shifted is None else jnp.where(shifted, rolled, x)
 
     shortcut = x
     x = norm(name="norm1")(x)
     if shift:
-      x = jnp.roll(x, (-shift, -shift), axis=(1, 2))  # static shift: lowers to slices + concat
+      x = roll(x, -shift)
     windows = window_partition(x, ws)
     mask = shifted_window_mask(h, w, ws, shift) if shift else None
+    if mask is not None and shifted is not None:
+      mask = jnp.where(shifted, mask, 0.0)
     windows = WindowAttention(c, ws, self.num_heads, self.qkv_bias, self.attn_drop, self.drop,
                               dtype=self.dtype, param_dtype=self.param_dtype,
                               attention_impl=self.attention_impl, name="attn")(
-                                  windows, mask, deterministic)
+                                  windows, mask, deterministic, attn_rng)
     x = window_reverse(windows, ws, h, w)
     if shift:
-      x = jnp.roll(x, (shift, shift), axis=(1, 2))
-    rng = None if deterministic or self.drop_path == 0 else self.make_rng("dropout")
-    x = shortcut + drop_path(x, self.drop_path, deterministic, rng)
+      x = roll(x, shift)
+    x = shortcut + drop_path(x, rate, deterministic, path_rng1)
 
     y = norm(name="norm2")(x)
     y = Mlp(int(c * self.mlp_ratio), self.drop, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="mlp")(y, deterministic)
-    rng = None if deterministic or self.drop_path == 0 else self.make_rng("dropout")
-    return x + drop_path(y, self.drop_path, deterministic, rng)
+            name="mlp")(y, deterministic, mlp_rng)
+    return x + drop_path(y, rate, deterministic, path_rng2)
+
+
+def _is_random(drop: float, attn_drop: float, *path_rates) -> bool:
+  """Whether a block (or stage) with these rates draws anything in training; a traced rate
+  counts as drawing."""
+  return drop > 0 or attn_drop > 0 or any(isinstance(r, jax.Array) or r > 0 for r in path_rates)
 
 
 class PatchMerging(nn.Module):
@@ -279,20 +342,78 @@ class BasicLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  remat: str = "none"  # a key of REMAT_POLICIES
+
+  def _block(self, j: int, **overrides) -> SwinTransformerBlock:
+    fields = dict(shift_size=0 if j % 2 == 0 else self.window_size // 2,
+                  mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop,
+                  attn_drop=self.attn_drop, drop_path=self.drop_path[j], dtype=self.dtype,
+                  param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    return SwinTransformerBlock(self.dim, self.num_heads, self.window_size,
+                                **{**fields, **overrides})
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    for j in range(self.depth):
-      x = SwinTransformerBlock(
-          self.dim, self.num_heads, self.window_size,
-          shift_size=0 if j % 2 == 0 else self.window_size // 2,
-          mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop,
-          attn_drop=self.attn_drop, drop_path=self.drop_path[j], dtype=self.dtype,
-          param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-          name=f"blocks_{j}")(x, deterministic)
+    # One 'dropout' key per stage and one per block folded in by the block's index, so the
+    # plain loop and the remat scan draw the same masks (remat changes memory and time only).
+    rng = None
+    if not deterministic and _is_random(self.drop, self.attn_drop, *self.drop_path):
+      rng = self.make_rng("dropout")
+    # init always takes the plain loop: the params are created per block, `blocks_{j}`, with or
+    # without remat (the converter, the layer-wise lr decay and checkpoints name them so).
+    if self.remat != "none" and not self.is_initializing():
+      x = self._scan_blocks(x, deterministic, rng)
+    else:
+      for j in range(self.depth):
+        x = self._block(j, name=f"blocks_{j}")(
+            x, deterministic, None if rng is None else jax.random.fold_in(rng, j))
     if self.downsample:
       x = PatchMerging(self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="downsample")(x)
+    return x
+
+  def _scan_blocks(self, x, deterministic: bool, rng: Optional[jax.Array]):
+    """The stage's blocks as one `lax.scan`, its body (one block) under `jax.checkpoint`.
+
+    Why a scan: `jax.checkpoint` (or nn.remat) around each block of an unrolled stage saves
+    nothing, as XLA schedules the recomputation early and keeps its results live (2,509 against
+    2,230 MiB of temporaries for Swin-B 192/6, batch 8, issue 13); the scan's backward is a
+    second loop, which can only recompute block by block. Why blocks rather than (W-MSA,
+    SW-MSA) pairs: a pair's backward holds both blocks' activations, and a depth-2 stage, the
+    largest at 48x48 tokens in Swin-B, would save nothing. Blocks differ only in the shift
+    (a traced flag here) and the drop-path rate (scanned), so one body serves them all.
+
+    The params are stacked here from the per-block leaves: the tree stays `blocks_{j}` and
+    gradients reach each leaf back through the stack. The price is a stacked copy of the params
+    and one of their gradients in the step, about 2 x 320 MiB for Swin-B in float32: remat
+    pays from about 4 images per device on (Swin-B 192/6, value_and_grad: 378 against 667 MiB
+    of temporaries at 2 images, 1,946 against 847 at 8).
+    """
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                           *[params[f"blocks_{j}"] for j in range(self.depth)])
+    # Scanned as data only when a rate is non-zero; otherwise the blocks keep their static 0
+    # and draw nothing for drop path.
+    rates = None
+    if any(r > 0 for r in self.drop_path):
+      rates = jnp.asarray(self.drop_path, jnp.float32)
+    index = jnp.arange(self.depth, dtype=jnp.int32)
+    # An unbound block applied functionally in the body: a bound flax submodule cannot live
+    # inside a jax transform, and `blocks_{j}` would create or expect one scope per block.
+    # Built with the shift; `shifted` turns it off for even blocks. Its drop_path field is 0:
+    # the scanned rate replaces it where any rate is non-zero.
+    template = self._block(0, shift_size=self.window_size // 2, drop_path=0.0, parent=None)
+
+    def block(x, xs):
+      block_params, rate, j = xs
+      block_rng = None if rng is None else jax.random.fold_in(rng, j)
+      return template.apply({"params": block_params}, x, deterministic, block_rng, rate,
+                            j % 2 == 1), None
+
+    # The scan already keeps the recomputation apart from the forward pass; CSE barriers only
+    # cost (a depth-1 stage: 51.1 against 46.6 MiB of temporaries with them, same at depth 2-4).
+    body = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (stacked, rates, index))
     return x
 
 
@@ -328,6 +449,10 @@ class SwinTransformer(nn.Module):
   `mask` [B, H/patch, W/patch] (1 = masked): masked patch embeddings are replaced, after the
   patch norm, by the learned `mask_token` (as SimMIM's encoder). `return_features=True` returns
   the normed final feature map [B, H/32, W/32, C] instead of pooling.
+
+  `remat` ('none' | 'full' | 'dots', REMAT_POLICIES) trades backward-pass memory for
+  recomputation: each stage's blocks then run as a checkpointed scan over block pairs. The
+  params are the same tree either way, and so are the dropout and drop-path draws.
   """
   img_size: int = 224
   patch_size: int = 4
@@ -349,6 +474,7 @@ class SwinTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   # 'cudnn': cuDNN's fused attention where it applies (Ampere+, 16-bit, even window area).
   attention_impl: Optional[str] = None
+  remat: str = "none"
 
   @property
   def num_features(self) -> int:
@@ -369,6 +495,9 @@ class SwinTransformer(nn.Module):
         raise ValueError(f"stage {i} has width {self.embed_dim * 2 ** i} (embed_dim "
                          f"{self.embed_dim} x 2^{i}), which num_heads[{i}] = {heads} does not "
                          f"divide")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is unknown (config.model.remat in a run config); "
+                       f"choose one of {list(REMAT_POLICIES)}")
     super().__post_init__()
 
   @nn.compact
@@ -405,7 +534,8 @@ class SwinTransformer(nn.Module):
           mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, drop=self.drop_rate,
           attn_drop=self.attn_drop_rate, drop_path=dpr[sum(self.depths[:i]):sum(self.depths[:i + 1])],
           downsample=i < len(self.depths) - 1, dtype=self.dtype, param_dtype=self.param_dtype,
-          attention_impl=self.attention_impl, name=f"layers_{i}")(x, deterministic)
+          attention_impl=self.attention_impl, remat=self.remat, name=f"layers_{i}")(
+              x, deterministic)
     x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     if return_features:
       return x
