@@ -38,7 +38,6 @@ import json
 import logging as pylogging
 import math
 import os
-import platform
 import sys
 import time
 from typing import Callable, Optional
@@ -48,7 +47,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from eesmm_jax import finetune, flops, input_pipeline, probe, train
+from eesmm_jax import benchmark, finetune, flops, input_pipeline, probe, train
 from eesmm_jax.configs import demo as demo_config
 
 NUM_CLASSES = 10          # the digits
@@ -82,7 +81,7 @@ class Preset:
 
 PRESETS = {
     "digits": Preset(
-        doc="""The committed study (docs/study/): sized for about 36 min on the 2-core CPU VM.
+        doc="""The committed study (docs/study/): 34 min 55 s on the quiet 2-core CPU VM.
 
         A 32 px Swin with 4 px patches (8 x 8 tokens: one token per pixel of the original 8 x 8
         digit, so no content is lost; the demo's 2 px patches cost 4x the tokens) and the demo's
@@ -518,7 +517,7 @@ def markdown(records: list[dict], preset_name: str, command: str, wall_seconds: 
   lines = [
       f"# Does EESMM pay off? Preset `{preset_name}`", "",
       f"`{command}`: {len(records)} runs; this invocation took {_hms(wall_seconds)} "
-      f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+      f"({benchmark.cpu_model()}, {os.cpu_count()} cores, "
       f"{jax.devices()[0].platform}, {time.strftime('%Y-%m-%d')}).", "",
       f"Encoder: Swin {preset.model}, 32 px; pretraining {preset.batch_size} images per step "
       f"(configs/demo.py's recipe otherwise); fine-tuning {preset.finetune_epochs:g} epochs at "
