@@ -39,6 +39,6 @@ setup(
         "demo": ["scikit-learn>=1.3"],
         # `python -m eesmm_jax.study`: the demo's digits, and matplotlib for study.png.
         "study": ["scikit-learn>=1.3", "matplotlib>=3.8"],
-        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.8"] + TORCH,
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.3", "matplotlib>=3.8"] + TORCH,
     },
 )

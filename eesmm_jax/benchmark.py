@@ -452,14 +452,19 @@ def markdown(cells: list[dict], meta: dict, command: str) -> str:
         f"| {c['device_hours_800_epochs']:.4g} " + tail)
 
   lines += ["", "Ratios measured in this run (images/s over images/s):", "",
-            "| backbone | img/win | method | vs JAX SimMIM | vs torch eager SimMIM "
-            "| vs torch.compile SimMIM |", "|---|---|---|---|---|---|"]
+            "| backbone | img/win | method | impl | vs JAX SimMIM | vs torch eager SimMIM "
+            "| vs torch.compile SimMIM | step time vs no remat | peak memory vs no remat "
+            "| loop vs step |", "|---|---|---|---|---|---|---|---|---|---|"]
   for c in cells:
     if c["framework"] == "jax" and c["status"] == "ok":
       lines.append(f"| {c['backbone']} | {c['img_size']}/{c['window_size']} "
-                   f"| {method_name(c['num_mix'])} | {_fmt(c.get('speedup_vs_simmim'), '.3f')} "
+                   f"| {method_name(c['num_mix'])} | {c['impl']} "
+                   f"| {_fmt(c.get('speedup_vs_simmim'), '.3f')} "
                    f"| {_fmt(c.get('ratio_vs_torch_eager_simmim'), '.3f')} "
-                   f"| {_fmt(c.get('ratio_vs_torch_compile_simmim'), '.3f')} |")
+                   f"| {_fmt(c.get('ratio_vs_torch_compile_simmim'), '.3f')} "
+                   f"| {_fmt(c.get('step_time_vs_no_remat'), '.3f')} "
+                   f"| {_fmt(c.get('peak_bytes_vs_no_remat'), '.3f')} "
+                   f"| {_fmt(c.get('loop_vs_step'), '.3f')} |")
   lines += ["", "Peak memory source: 'dev' = the device allocator's high-water mark "
             "(memory_stats / torch.cuda), 'xla' = the compiled step's arguments + outputs + "
             "temporaries (XLA memory_analysis, where the device reports no statistics).", ""]

@@ -264,6 +264,16 @@ def compile_train_step(plan, state: TrainState, batch) -> Any:
   return compiled
 
 
+def line_up_processes(name: str, timeout_s: int = 1800) -> None:
+  """Several processes wait for each other here, before their first collective: XLA:CPU's gloo
+  collectives give a process 30 s to join a new one, less than one process can lead another at
+  start-up on a loaded host (process 0 alone opens the TensorBoard writer, which imports
+  TensorFlow). The distributed runtime's barrier (as Orbax uses) waits as long as it is told."""
+  if jax.process_count() > 1:
+    from jax._src import distributed  # the runtime's client: no public barrier without a collective
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
 def prefetch(batches, put: Callable, size: int = 2):
   """`put(batch)` (host -> sharded device arrays, asynchronous) `size` batches ahead of the
   step that takes them, so the copy overlaps the running step."""

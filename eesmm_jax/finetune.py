@@ -307,6 +307,7 @@ def finetune(config, workdir: str, mesh, num_classes: int,
               f"({result['count']} images)", flush=True)
       return result
 
+    core.line_up_processes("first step")
     run.log.start(start)
     for step in range(start + 1, last + 1):
       state, metrics = train_step(state, next(batches))

@@ -70,16 +70,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     num_bad_images = len(p.source.bad_images)
     picture_batch = None
     last = steps if stop_after is None else min(steps, stop_after)
+    core.line_up_processes("first step")
     run.log.start(start)
     for step in range(start + 1, last + 1):
       images = next(batches)
       state, metrics = train_step(state, images)
-      if step == start + 1 and run.log.lead:
+      if step == start + 1:
         jax.block_until_ready(metrics)  # timed before any log row restarts the clock
-        print(f"first step ran in {time.perf_counter() - run.log.last_time:.1f} s (input "
-              f"start-up included)", flush=True)
+        if run.log.lead:
+          print(f"first step ran in {time.perf_counter() - run.log.last_time:.1f} s (input "
+                f"start-up included)", flush=True)
       logged, periodic, preempted = run.boundary(step, last, metrics)
-      if picture_batch is None:
+      if config.picture_every and picture_batch is None:
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(config.objective.num_mix * 4, images.shape[0])]
       if logged:

@@ -14,8 +14,8 @@ What it guarantees, and the choice made where there was one:
   pid. The kernel drops the lock when its process dies, however it dies, so a kill -9 leaves
   nothing stale and the same command resumes (a pid file would need a liveness guess).
 - The config a workdir's checkpoints were written under is kept in `<workdir>/config.json`. A
-  resume prints every key that changed, and refuses changes that make it wrong (model, image
-  size, batch size, objective, mode) unless `config.resume_allow` names them.
+  resume prints every key that changed, and refuses changes that make it wrong (the model's
+  shape, image size, batch size, objective, mode) unless `config.resume_allow` names them.
 - Restore takes the newest checkpoint that restores. One that does not (a truncated array file,
   lost metadata) is moved to `<workdir>/bad_checkpoints/<step>` with one line saying why: kept
   for inspection, never deleted, and out of the way of the step's next save. Orbax itself,
@@ -49,9 +49,12 @@ from jax.experimental import multihost_utils
 
 from eesmm_jax import core
 
-# Config keys (or groups) whose change makes a resume wrong: the checkpoint's shapes, the data
-# position (step x batch size) or the loss would no longer be the run's.
-RESUME_FIXED = ("model", "img_size", "batch_size", "objective", "mode")
+# Config keys (or groups: "objective" is every objective.* key) whose change makes a resume
+# wrong: the model's shapes, the data position (step x batch size) or the loss would no longer
+# be the run's. Others (lr, steps, remat, micro_batches, dtype, ...) are printed and allowed.
+RESUME_FIXED = ("model.name", "model.embed_dim", "model.depths", "model.num_heads",
+                "model.patch_size", "model.window_size", "img_size", "batch_size", "objective",
+                "mode")
 
 
 class CheckpointError(RuntimeError):
@@ -149,8 +152,8 @@ def check_resume_config(workdir: str, config, step: int) -> None:
   _say(f"resuming {workdir} at step {step} with changed config: " + "; ".join(
       f"{k} {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}" for k in changed))
   allowed = {k.strip() for k in (config.get("resume_allow") or "").split(",") if k.strip()}
-  refused = [k for k in changed if k.split(".")[0] in RESUME_FIXED
-             and not ({k, k.split(".")[0]} & allowed)]
+  refused = [k for k in changed if {k, k.split(".")[0]} & set(RESUME_FIXED)
+             and not {k, k.split(".")[0]} & allowed]
   if refused:
     raise ValueError(
         f"the checkpoint at step {step} in {workdir} was written with other values of "

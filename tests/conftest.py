@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# pytest-xdist's workers are started by this process, and their I/O threads allocate before
+# a worker imports eesmm_jax: glibc's one-arena setting reaches them only as a variable read at
+# process start (the rest of the tuning, mallopt at import, applies whenever it runs).
+os.environ.setdefault("MALLOC_ARENA_MAX", "1")
+
 # The CPU allocator (eesmm_jax/allocator.py) is set up when eesmm_jax is imported. glibc's
 # one-arena setting only binds threads that have not allocated yet, so import it before
 # PyTorch, TensorFlow and JAX start theirs.

@@ -43,13 +43,13 @@ def run_until(workdir, predicate, sig):
   reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),
                             daemon=True)
   reader.start()
-  deadline = time.time() + 300
+  deadline = time.time() + 600
   while proc.poll() is None and time.time() < deadline:
     if predicate("".join(lines)):
       proc.send_signal(sig)
       break
     time.sleep(0.002)
-  proc.wait(timeout=300)
+  proc.wait(timeout=600)
   reader.join(timeout=60)
   return proc.returncode, "".join(lines)
 

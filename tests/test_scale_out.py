@@ -30,7 +30,7 @@ def assert_same_losses(a, b, steps):
 
 
 # ----------------------------------------------------------------------------- several processes
-def launch(procs, devices, workdir, data_dir, timeout=300):
+def launch(procs, devices, workdir, data_dir, timeout=900):
   cmd = [LAUNCHER, str(procs), str(devices), "--", "--config",
          os.path.join(ROOT, "configs/demo.py"), "--workdir", str(workdir),
          "--config.data.dataset=folder", f"--config.data.data_dir={data_dir}",

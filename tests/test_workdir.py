@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import orbax.checkpoint as ocp
 import pytest
@@ -200,16 +199,27 @@ def test_ctrl_c_saves_at_the_next_step_and_the_command_resumes(tmp_path):
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-  preemption = workdir.Preemption()
-  try:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.1)
-    assert preemption.reached(1)
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(1)
-  finally:
-    preemption.close()
+  # In a process of its own: the handlers are installed only on a main thread, and the second
+  # Ctrl-C must end that process.
+  script = """
+import os, signal, time
+from eesmm_jax import workdir
+preemption = workdir.Preemption()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(0.2)
+print("first: stop requested" if preemption.reached(1) else "first: ignored", flush=True)
+try:
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(5)
+  print("second: ignored")
+except KeyboardInterrupt:
+  print("second: KeyboardInterrupt")
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+  assert out.stdout.splitlines()[-2:] == ["first: stop requested",
+                                          "second: KeyboardInterrupt"], out.stderr[-2000:]
+  assert "Ctrl-C: stopping at the next step boundary" in out.stdout
 
 
 # ----------------------------------------------------------------------------------------------

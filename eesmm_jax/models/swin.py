@@ -451,7 +451,7 @@ class SwinTransformer(nn.Module):
   the normed final feature map [B, H/32, W/32, C] instead of pooling.
 
   `remat` ('none' | 'full' | 'dots', REMAT_POLICIES) trades backward-pass memory for
-  recomputation: each stage's blocks then run as a checkpointed scan over block pairs. The
+  recomputation: each stage's blocks then run as a checkpointed scan over its blocks. The
   params are the same tree either way, and so are the dropout and drop-path draws.
   """
   img_size: int = 224
