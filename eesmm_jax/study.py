@@ -48,6 +48,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from eesmm_jax import benchmark, finetune, flops, input_pipeline, probe, train
+from eesmm_jax import workdir as workdir_lib
 from eesmm_jax.configs import demo as demo_config
 
 NUM_CLASSES = 10          # the digits
@@ -298,13 +299,6 @@ def read_record(run_dir: str, preset: Preset, run: Run) -> Optional[dict]:
   return record
 
 
-def write_json_atomically(path: str, value) -> None:
-  """Written beside and renamed: a kill leaves the old file or the new one, never half of one."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 @contextlib.contextmanager
 def run_console(path: str):
   """One run's console lines (the trainers' progress) and library log records (Orbax warns on
@@ -352,7 +346,7 @@ def execute(preset: Preset, run: Run, run_dir: str, data_dir: str, images: dict,
                  finetune_dir)
     record["finetune_acc"] = finetune_top1(finetune_dir)
   record.update(workdir=run_dir, fingerprint=fingerprint(preset, run))
-  write_json_atomically(os.path.join(run_dir, "record.json"), record)
+  workdir_lib.write_json_atomically(os.path.join(run_dir, "record.json"), record)
   return record
 
 

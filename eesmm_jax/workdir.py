@@ -122,17 +122,19 @@ def flat_config(config) -> dict:
   return json.loads(json.dumps(dict(walk(config.to_dict(), "")), default=str))
 
 
-def _write_json_atomically(path: str, value) -> None:
+def write_json_atomically(path: str, value) -> None:
+  """Written beside and renamed: a kill leaves the old file or the new one, never half of one."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
+    json.dump(value, f, indent=1)
   os.replace(tmp, path)
 
 
 def record_config(workdir: str, config) -> None:
   """Writes `<workdir>/config.json`: the config the checkpoints from now on are written under."""
   if _lead():
-    _write_json_atomically(os.path.join(workdir, "config.json"), flat_config(config))
+    write_json_atomically(os.path.join(workdir, "config.json"),
+                          dict(sorted(flat_config(config).items())))
 
 
 def check_resume_config(workdir: str, config, step: int) -> None:
