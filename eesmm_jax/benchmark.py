@@ -205,8 +205,9 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
 
   p = plan.pretraining(config, core.make_mesh(), attention_impl=attention)
   state = jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(0))
-  images = jax.jit(lambda k: jax.random.normal(k, (batch, img_size, img_size, 3)),
-                   out_shardings=p.data_sharding)(jax.random.key(1))
+  # uint8 pixels, as the trainer's input sends them (the step normalises them first).
+  images = jax.jit(lambda k: jax.random.randint(k, (batch, img_size, img_size, 3), 0, 256)
+                   .astype(jax.numpy.uint8), out_shardings=p.data_sharding)(jax.random.key(1))
   step_fn = core.jit_train_step(p)
   mesh, data_sharding = p.mesh, p.data_sharding
 

@@ -31,8 +31,9 @@ once. Grayscale, palette, CMYK, 16-bit and alpha images decode as RGB (`channels
 
 Augmentation (SimMIM `data_simmim.py`): RandomResizedCrop(img_size, scale (0.67, 1), ratio (3/4,
 4/3)) with torchvision's sampling (10 tries, then a centre crop clamped to the ratio range),
-bilinear antialiased resize, horizontal flip with p 0.5, ImageNet mean/std normalisation;
-float32 NHWC.
+bilinear antialiased resize, horizontal flip with p 0.5; uint8 NHWC, rounded as PIL's resize
+rounds. The ImageNet mean/std normalisation is the train step's first op (`data.normalize`), so
+batches cross to the device at a quarter of float32's bytes.
 
 `create_eval_iterator` is the probe / evaluation input: one ordered pass, centre crops, padded
 batches with a 'mask', the same number of batches on every process.
@@ -113,12 +114,13 @@ def decode_and_random_crop(raw: tf.Tensor, seed: tf.Tensor, scale, ratio) -> tf.
 
 
 def augment(raw: tf.Tensor, seed: tf.Tensor, img_size: int, scale, ratio) -> tf.Tensor:
-  """SimMIM's pretraining view of one encoded image: float32 [img_size, img_size, 3], normalised."""
+  """SimMIM's pretraining view of one encoded image: uint8 [img_size, img_size, 3] (rounded, as
+  PIL's resize is); the train step normalises it on the device (`data.normalize`)."""
   s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = decode_and_random_crop(raw, s_crop, scale, ratio)
   image = tf.image.resize(image, [img_size, img_size], method="bilinear", antialias=True)
   image = tf.where(tf.random.stateless_uniform([], s_flip) < 0.5, image[:, ::-1], image)
-  return normalize(image)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
@@ -569,7 +571,8 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
                           source: Optional[data.Source] = None) -> tf.data.Dataset:
   """The infinite per-process dataset of batches from `start_step` on (see the module docstring).
 
-  Elements: {'image': float32 [global_batch // process_count, img_size, img_size, 3],
+  Elements: {'image': uint8 [global_batch // process_count, img_size, img_size, 3] (the `view`'s
+  dtype: fine-tuning's is normalised float32),
   'label': int32 [b] when the source has labels}. `view(raw_bytes, seed) -> image` replaces
   SimMIM's augmentation (fine-tuning passes its own); the stream and its seeds are the same.
   `source`: the run's `open_source(config)`, whose folder listing is then used as it is.
@@ -813,7 +816,7 @@ def write_resized_folder(data_dir: str, out_dir: str, split: str = "train",
 
 def measure_throughput(config: ml_collections.ConfigDict, cores: int, batch: int = 64,
                        seconds: float = 20.0, warmup_batches: int = 3) -> float:
-  """Images/s of the pretraining pipeline (read, decode the crop, resize, flip, normalise) with
+  """Images/s of the pretraining pipeline (read, decode the crop, resize, flip, round) with
   tf.data limited to `cores` threads; run it under `taskset` with as many cores to be exact."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_parallel_calls = cores

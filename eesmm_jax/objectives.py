@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eesmm_jax import masking
+from eesmm_jax import data, masking
 from eesmm_jax.models.decoders import MIMModel, SimMIMDecoder, TransformerDecoder
 
 MASK_MODES = ("independent", "shared", "complementary")
@@ -274,7 +274,8 @@ def best_assignment(pairwise_sums: jax.Array, pixel_masks: jax.Array) -> jax.Arr
 def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Callable:
   """-> loss_fn(params, images, rng, train) -> (loss, aux); jit-able, no host round trip.
 
-  images [n*B, H, W, C], ImageNet-normalised. aux holds
+  images [n*B, H, W, C]: uint8 pixels (normalised here, on the device) or ImageNet-normalised
+  floats. aux holds
     loss_components [n]  (Eq. 7's terms, in component order),
     loss_mix             (only when mix_loss_weight > 0),
     inputs [B, H, W, C]  (the blend fed to the encoder),
@@ -298,6 +299,7 @@ def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Calla
   def loss_fn(params, images, rng, train):
     if images.ndim != 4 or images.shape[1] != images.shape[2]:
       raise ValueError(f"expected square NHWC images [n*B, S, S, C], got {images.shape}")
+    images = data.normalize(images)
     mask_rng, rot_rng, dropout_rng = jax.random.split(rng, 3)
     if config.rotate and train:
       images = random_rot90(rot_rng, images)

@@ -55,9 +55,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state, start = run.state, run.start
 
     # --- The step.
+    # uint8 pixels: the step normalises them on the device (data.normalize).
     images_shape = jax.ShapeDtypeStruct(
         (config.batch_size, config.img_size, config.img_size, p.encoder.in_chans),
-        jax.numpy.float32, sharding=p.data_sharding)
+        jax.numpy.uint8, sharding=p.data_sharding)
     train_step = core.compile_train_step(p, state, images_shape)
     picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])
 

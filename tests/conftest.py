@@ -1,8 +1,11 @@
 """Test-wide setup. XLA flags must be set before JAX starts, so they live here."""
 import os
 
-# Eight simulated CPU devices, so sharding code is exercised without accelerators.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight simulated CPU devices, so sharding code is exercised without accelerators; kernels
+# compiled at LLVM -O0 (tests/__init__.py says why). Subprocesses inherit these.
+from tests import xla_flags  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Tests compile the same small programs many times (every resumed run recompiles its step):

@@ -12,7 +12,6 @@ from PIL import Image
 
 from eesmm_jax import input_pipeline as ip
 
-MEAN, STD = np.array(ip.MEAN_RGB), np.array(ip.STDDEV_RGB)
 
 
 def encoded(image, fmt, **kw):
@@ -99,8 +98,8 @@ def test_odd_colour_modes_decode_as_rgb(folder):
     assert sorted(batch["label"]) == sorted(classes.index(n.replace(".", "_")) for n in GOOD)
     for image, label in zip(batch["image"], batch["label"]):
       name = classes[label].replace("_jpg", ".jpg").replace("_png", ".png")
-      want = (np.array(GOOD[name][1]) / 255.0 - MEAN) / STD
-      tol = 0.12 if name.endswith(".jpg") else 1e-4
+      want = np.array(GOOD[name][1])  # uint8 pixels
+      tol = 7 if name.endswith(".jpg") else 0
       np.testing.assert_allclose(image, np.broadcast_to(want, image.shape), atol=tol, err_msg=name)
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from eesmm_jax import benchmark
+from tests import xla_flags
 
 REQUIRED = ("method", "num_mix", "backbone", "img_size", "window_size", "batch_size",
             "images_per_sec", "step_time_s", "flops_per_image", "peak_bytes", "peak_bytes_source",
@@ -33,7 +34,7 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
          "--warmup", "1", "--torch", "eager", "--loop"]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-                             "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                             "XLA_FLAGS": xla_flags(2)})
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   cells = json.loads((out / "timing.json").read_text())
@@ -50,6 +51,7 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
         1_281_167 / c["images_per_sec_per_device"] / 3600)
     assert c["mfu"] is None  # CPUs have no entry in the peak table
     assert c["finite"]
+    assert c["loss_scale"] is None  # float32: no dynamic loss scale
   simmim, eesmm, torch_row = cells
   # XLA's FLOPs: a tiny Swin at 64 px is O(0.1) GFLOPs per image; n = 2 halves the encoder
   # (0.70 here: at 4 images per step the optimizer and decoder weigh more than at Swin-B sizes).

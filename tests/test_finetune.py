@@ -20,6 +20,7 @@ from PIL import Image
 
 from eesmm_jax import convert, core, finetune, finetune_input, input_pipeline
 from eesmm_jax.models import swin
+from tests import xla_flags
 from tests.test_train import set_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,7 +220,7 @@ def test_command_line_finetune_then_eval_and_probe(folder, tmp_path):
          "--config.model.num_heads=(1,2)", "--config.batch_size=8",
          "--config.eval_batch_size=8", "--config.total_steps=2", "--config.log_every=1",
          "--config.checkpoint_every=2", "--config.optim.warmup_epochs=0"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "eval top-1" in out.stdout

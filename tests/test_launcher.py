@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import FAST_COMPILE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
@@ -173,7 +175,8 @@ def test_real_run_kill_minus_9_then_sigterm(tmp_path):
   rng = np.random.default_rng(0)
   for i in range(40):
     Image.fromarray(rng.integers(0, 256, (36, 40, 3), np.uint8)).save(data / f"{i:02d}.png")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+         "XLA_FLAGS_EXTRA": FAST_COMPILE}  # the launcher sets the device count
 
   def start(workdir):
     cmd = [LAUNCHER, "2", "1", "--", "--config", os.path.join(ROOT, "configs/demo.py"),

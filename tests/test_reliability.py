@@ -10,11 +10,13 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from eesmm_jax import convert, core, data, plan, train
+from tests import xla_flags
 from tests.test_train import ROOT, losses, saved_params, tiny_config
 
 CLI_FLAGS = ["--config.img_size=32", "--config.model.patch_size=2", "--config.model.window_size=4",
@@ -32,7 +34,7 @@ def cli(workdir):
 
 
 def env():
-  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  return {**os.environ, "XLA_FLAGS": xla_flags(1)}
 
 
 def run_until(workdir, predicate, sig):
@@ -150,16 +152,22 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 
 def poison_batches(monkeypatch, from_step, until_step=None):
-  """Batches from_step..until_step (1-based) are NaN, as a corrupt input or a blow-up would be."""
-  real = data.create_pretrain_iterator
+  """Batches from_step..until_step (1-based) are NaN once normalised, as a corrupt input or a
+  blow-up would be. Pixels are uint8 (no NaN), so a poisoned batch is marked all 255 and the
+  step's normalisation turns a marked batch into NaN."""
+  real, real_normalize = data.create_pretrain_iterator, data.normalize
 
   def fake(config, global_batch, start_step=0, **kw):
     for i, batch in enumerate(real(config, global_batch, start_step, **kw), start=start_step + 1):
       if i >= from_step and (until_step is None or i <= until_step):
-        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+        batch = {**batch, "image": np.full_like(batch["image"], 255)}
       yield batch
 
+  def normalize(images):
+    return jnp.where(jnp.all(images == 255), jnp.nan, real_normalize(images))
+
   monkeypatch.setattr(data, "create_pretrain_iterator", fake)
+  monkeypatch.setattr(data, "normalize", normalize)
 
 
 def test_float32_run_stops_at_a_non_finite_step_and_keeps_the_last_good_checkpoint(

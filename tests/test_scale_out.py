@@ -17,6 +17,7 @@ from flax.training.dynamic_scale import DynamicScale
 from PIL import Image
 
 from eesmm_jax import core, train
+from tests import FAST_COMPILE
 from tests.test_train import ROOT, losses, tiny_config
 
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
@@ -38,7 +39,8 @@ def launch(procs, devices, workdir, data_dir, timeout=900):
          "--config.picture_every=0", "--config.checkpoint_every=2",
          "--config.model.embed_dim=16", "--config.model.num_heads=(1,2)",
          "--config.optim.warmup_epochs=0"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the launcher sets it
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},  # the launcher sets it
+         "XLA_FLAGS_EXTRA": FAST_COMPILE}
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
   assert out.returncode == 0, out.stderr[-4000:]
   return out

@@ -13,6 +13,7 @@ from PIL import Image
 
 from eesmm_jax import finetune, flops, input_pipeline, study, train
 from eesmm_jax.models import swin
+from tests import FAST_COMPILE
 
 FIELDS = {"method": str, "num_mix": int, "epochs": (int, float), "seed": int, "ablation": str,
           "steps": int, "batch_size": int, "flops_per_step": float, "pretrain_flops": float,
@@ -26,7 +27,7 @@ def quick(tmp_path_factory):
   """The quick preset's command, run once for the module as a person runs it (one CPU device,
   not the tests' eight): (out dir, records, console output)."""
   out = str(tmp_path_factory.mktemp("study"))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
   done = subprocess.run([sys.executable, "-m", "eesmm_jax.study", "--preset", "quick", "--out",
                          out], env=env, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]

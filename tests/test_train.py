@@ -12,6 +12,7 @@ import pytest
 
 from eesmm_jax import train
 from eesmm_jax.config import pretrain_config
+from tests import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +98,7 @@ def test_command_line_end_to_end(tmp_path):
          "--config.total_steps=4", "--config.log_every=2", "--config.picture_every=4",
          "--config.checkpoint_every=2", "--config.model.embed_dim=24",
          "--config.optim.warmup_epochs=0"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step       4/4" in out.stdout
