@@ -51,8 +51,8 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
         1_281_167 / c["images_per_sec_per_device"] / 3600)
     assert c["mfu"] is None  # CPUs have no entry in the peak table
     assert c["finite"]
-    assert c["loss_scale"] is None  # float32: no dynamic loss scale
   simmim, eesmm, torch_row = cells
+  assert simmim["loss_scale"] is None and eesmm["loss_scale"] is None  # float32: no loss scale
   # XLA's FLOPs: a tiny Swin at 64 px is O(0.1) GFLOPs per image; n = 2 halves the encoder
   # (0.70 here: at 4 images per step the optimizer and decoder weigh more than at Swin-B sizes).
   assert 1e7 < simmim["flops_per_image"] < 1e10

@@ -319,4 +319,7 @@ def test_eesmm_overfits_eight_images():
   end = float(evaluate(params))
   print(f"EESMM n=2 on 8 images: loss {start:.3f} -> {end:.3f} after 1000 steps "
         f"({time.time() - t0:.1f} s)")
-  assert end < 0.35 * start
+  # Where 1000 steps end depends on rounding: XLA's LLVM -O2 and -O0 (the tests' level), 3e-7
+  # apart after one step, ended at 0.18 and 0.42 of the start; an encoder or decoder without a
+  # working gradient stays near it.
+  assert end < 0.5 * start
