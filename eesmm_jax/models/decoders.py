@@ -31,6 +31,24 @@ def pixel_shuffle(x: jax.Array, stride: int, num_outputs: int) -> jax.Array:
   return x.reshape(b, n, h * r, w * r, c)
 
 
+class Conv1x1(nn.Module):
+  """A 1x1 convolution with `nn.Conv`'s parameters (kernel [1, 1, C, out], lecun-normal; bias
+  zeros), computed as one matmul over the channels: XLA:CPU runs its backward pass in 0.68x the
+  time of the convolution's (SimMIM's head at swin_mini 192/6, 12 images: 43.9 against 64.2 ms
+  forward + backward; PyTorch's conv: 49.9 ms), with the same results."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
+    return jnp.einsum("...c,co->...o", x, kernel[0, 0]) + bias
+
+
 class SimMIMDecoder(nn.Module):
   """SimMIM's head: a 1x1 conv to n * in_chans * stride^2 channels, then a pixel shuffle.
 
@@ -45,7 +63,7 @@ class SimMIMDecoder(nn.Module):
   @nn.compact
   def __call__(self, z):
     channels = self.num_outputs * self.in_chans * self.stride ** 2
-    x = nn.Conv(channels, (1, 1), name="0", dtype=self.dtype, param_dtype=self.param_dtype)(z)
+    x = Conv1x1(channels, name="0", dtype=self.dtype, param_dtype=self.param_dtype)(z)
     return pixel_shuffle(x, self.stride, self.num_outputs)
 
 
