@@ -10,6 +10,14 @@ for pretraining; SimMIM uses none there). The paper mentions gradient accumulati
 number of steps; we take 256 images per step and accum_steps = 1 (set --config.optim.accum_steps
 to emulate a larger batch on fewer devices).
 
+Memory: 64 images (32 blends) per V100 need about 12 GiB per device (1.0 GiB params and AdamW
+state, 176 MiB of activations per image): it fits a 32 GB V100 as it is. (XLA's memory analysis of
+the float32 step, compiled on CPU at 6 and 12 images per device and extrapolated linearly; a GPU's
+buffer assignment differs, and float16 activations (launch/v100x4.sh) should take about half (not
+measured). The run's own check, before the first step, is the number that counts: it stops with
+the need, the device's memory and the --config.micro_batches that fits;
+--config.device_memory_gb=32 asks it for a V100 on any machine.)
+
 Result: not run by us. The paper reports 363 h of pretraining and 83.1 top-1 after fine-tuning.
 """
 

@@ -7,6 +7,14 @@ Run:
 SimMIM simmim_pretrain__swin_large__img192_window12__800ep: batch 2048, base lr 1e-4, warm-up
 lr 5e-7, 10 warm-up epochs, multistep x0.1 at epoch 700, window 12 (the last stage, 6x6, is one
 unshifted window). Result: not run by us (thousands of GPU-hours).
+
+Memory: 512 images per device on 4 GPUs need about 255 GiB per device (2.2 GiB params and AdamW
+state, 503 MiB of activations per image); on 4 x 32 GB V100s --config.micro_batches=16 (about 19
+GiB). (XLA's memory analysis of the float32 step, compiled on CPU at 6 and 12 images per device
+and extrapolated linearly; a GPU's buffer assignment differs, and float16 activations
+(launch/v100x4.sh) should take about half (not measured). The run's own check, before the first
+step, is the number that counts: it stops with the need, the device's memory and the
+--config.micro_batches that fits; --config.device_memory_gb=32 asks it for a V100 on any machine.)
 """
 
 from eesmm_jax.config import pretrain_config
