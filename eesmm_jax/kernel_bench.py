@@ -1,7 +1,8 @@
-"""Where the CPU step's kernels and compile time go (issue 13, item 6), beside PyTorch.
+"""Where the step's kernels, compile time and memory go (issue 13), beside PyTorch.
 
   python -m eesmm_jax.kernel_bench kernels   # LayerNorm and SimMIM's head, JAX forms vs torch
   python -m eesmm_jax.kernel_bench compile   # the train step's compile time, by part
+  python -m eesmm_jax.kernel_bench memory eesmm_swin_base_192 simmim_swin_base:224 ...
 
 `kernels`: forward and forward + backward medians (20 calls after one) at cpu-small's SimMIM 192/6
 shapes (swin_mini: stage-1 tokens [12, 48 * 48, 64]; the head's input [12, 6, 6, 512] to 3 * 32 *
@@ -10,8 +11,11 @@ same arrays (2 threads). `compile`: XLA's compile time of the swin_micro SimMIM 
 batch 4, on one device: the loss alone, its gradient, the step with SGD, the step as the trainer
 builds it (AdamW, clipping, non-finite steps kept out), and that step with AdamW over one
 flattened vector (`optax.flatten`; its weight-decay mask then sees one vector, not the parameter
-tree, so it is a different optimizer: a compile-time comparison only). Numbers and their
-reading: docs/timing.md.
+tree, so it is a different optimizer: a compile-time comparison only). `memory`: a config's
+per-device need at its batch on `--devices` devices, from XLA's memory analysis of its step
+compiled at 6 and 12 images on one device and extrapolated linearly in the images (shapes only:
+nothing is allocated), and the fewest `micro_batches` that fit `--device_gb`. Numbers and their
+reading: docs/timing.md and the configs' docstrings.
 """
 from __future__ import annotations
 
@@ -132,12 +136,50 @@ def compile_times() -> None:
           f"{compiled.as_text().count(' fusion(')} fusions", flush=True)
 
 
+def memory(configs: list[str], devices: int, device_gb: float) -> None:
+  import importlib
+  from eesmm_jax import core, plan as plan_lib
+  gib = 2 ** 30
+
+  def need(name: str, arg, images: int) -> tuple[int, int]:
+    c = importlib.import_module(f"eesmm_jax.configs.{name}").get_config(*arg)
+    c.batch_size, c.data.dataset = images, "synthetic"
+    p = plan_lib.pretraining(c, core.make_mesh(jax.devices()[:1]))
+    batch = jax.ShapeDtypeStruct((images, c.img_size, c.img_size, 3), jnp.uint8,
+                                 sharding=p.data_sharding)
+    m = core.jit_train_step(p).lower(p.state_shapes, batch).compile().memory_analysis()
+    return m.argument_size_in_bytes, m.temp_size_in_bytes
+
+  for spec in configs:
+    name, *arg = spec.split(":")
+    c = importlib.import_module(f"eesmm_jax.configs.{name}").get_config(*arg)
+    per_device, n = c.batch_size // devices, c.objective.num_mix
+    (args6, temps6), (args12, temps12) = need(name, arg, 6), need(name, arg, 12)
+    per_image = (temps12 - temps6) / 6      # activations grow with the images
+    fixed = args6 - 6 * (args12 - args6) / 6 + temps6 - 6 * per_image  # state, workspace
+    total = lambda k: fixed + per_device * (args12 - args6) / 6 + per_image * per_device / k
+    fits = [k for k in range(1, 65) if (per_device // n) % k == 0 and total(k) <= device_gb * gib]
+    print(f"{spec}: {per_device} images per device need {total(1) / gib:.1f} GiB "
+          f"({fixed / gib:.2f} GiB params, optimizer state and workspace, "
+          f"{per_image / 2 ** 20:.0f} MiB of activations per image); "
+          + (f"micro_batches={fits[0]} fits {device_gb:g} GB ({total(fits[0]) / gib:.1f} GiB)"
+             if fits else f"no micro_batches fits {device_gb:g} GB"), flush=True)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("what", choices=("kernels", "compile"))
+  parser.add_argument("what", choices=("kernels", "compile", "memory"))
+  parser.add_argument("configs", nargs="*", help="memory: config modules, name[:arg]")
+  parser.add_argument("--devices", type=int, default=4, help="memory: devices the batch spans")
+  parser.add_argument("--device_gb", type=float, default=32.0, help="memory: device memory")
   args = parser.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)  # compile times are the point
-  kernels() if args.what == "kernels" else compile_times()
+  if args.what == "kernels":
+    kernels()
+  elif args.what == "compile":
+    compile_times()
+  else:
+    memory(args.configs, args.devices, args.device_gb)
 
 
 if __name__ == "__main__":

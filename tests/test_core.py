@@ -65,8 +65,12 @@ def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_p
     status = benchmark.main(["--preset", "cpu-small", "--out", {str(tmp_path / "timing")!r},
                              "--backbones", "swin_micro", "--sizes", "64/2",
                              "--methods", "eesmm2", "--batch", "4", "--steps", "1",
-                             "--warmup", "0", "--torch", "none"])
+                             "--warmup", "0", "--torch", "none", "--dtype", "float16"])
     assert status == 0
+    # The fp16 cell is the trainer's step, dynamic loss scale included (float32 cells carry
+    # none: test_benchmark checks them).
+    (cell,) = json.load(open({str(tmp_path / "timing" / "timing.json")!r}))
+    assert cell["dtype"] == "float16" and cell["loss_scale"] > 0, cell
     assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "clu")
                 and sys.modules[m] is not None]
     print("ok")
@@ -87,12 +91,6 @@ def test_a_folder_is_listed_once_per_run(tmp_path, monkeypatch):
                                          "data.data_dir": str(tmp_path)})
   train.train_and_evaluate(config, str(tmp_path / "run"))
   assert len(calls) == 1, calls
-
-
-def test_benchmark_float16_cell_is_the_trainers_step_with_its_loss_scale():
-  cell = benchmark.jax_cell("swin_micro", 64, 2, 2, 16, "float16", steps=1, warmup=0)
-  assert cell["loss_scale"] is not None and cell["loss_scale"] > 0
-  # float32 cells have none: test_benchmark's cells check it.
 
 
 def test_a_benchmark_whose_only_cell_fails_exits_non_zero(tmp_path):

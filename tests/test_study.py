@@ -15,8 +15,6 @@ from eesmm_jax import finetune, flops, input_pipeline, study, train
 from eesmm_jax.models import swin
 from tests import FAST_COMPILE
 
-pytestmark = pytest.mark.xdist_group("study")  # one quick run for the module, on one worker
-
 FIELDS = {"method": str, "num_mix": int, "epochs": (int, float), "seed": int, "ablation": str,
           "steps": int, "batch_size": int, "flops_per_step": float, "pretrain_flops": float,
           "pretrain_seconds": float, "probe_acc": float, "knn_acc": float, "finetune_acc": float,

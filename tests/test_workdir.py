@@ -16,8 +16,6 @@ from eesmm_jax import train, workdir
 from tests.test_reliability import ROOT, cli, env, run_until
 from tests.test_train import losses, tiny_config
 
-pytestmark = pytest.mark.xdist_group("workdir")  # one `four_steps` run, on one worker
-
 
 def steps_saved(path):
   with ocp.CheckpointManager(os.path.join(path, "checkpoints")) as mngr:
