@@ -155,9 +155,10 @@ def memory(configs: list[str], devices: int, device_gb: float) -> None:
     c = importlib.import_module(f"eesmm_jax.configs.{name}").get_config(*arg)
     per_device, n = c.batch_size // devices, c.objective.num_mix
     (args6, temps6), (args12, temps12) = need(name, arg, 6), need(name, arg, 12)
-    per_image = (temps12 - temps6) / 6      # activations grow with the images
-    fixed = args6 - 6 * (args12 - args6) / 6 + temps6 - 6 * per_image  # state, workspace
-    total = lambda k: fixed + per_device * (args12 - args6) / 6 + per_image * per_device / k
+    # Per image: its pixels (an argument) and its activations (temporaries); the rest is fixed.
+    pixels, per_image = (args12 - args6) / 6, (temps12 - temps6) / 6
+    fixed = args6 + temps6 - 6 * (pixels + per_image)  # params, optimizer state, workspace
+    total = lambda k: fixed + per_device * pixels + per_image * per_device / k
     fits = [k for k in range(1, 65) if (per_device // n) % k == 0 and total(k) <= device_gb * gib]
     print(f"{spec}: {per_device} images per device need {total(1) / gib:.1f} GiB "
           f"({fixed / gib:.2f} GiB params, optimizer state and workspace, "

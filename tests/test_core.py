@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 from PIL import Image
 
-from eesmm_jax import benchmark, input_pipeline, train
+from eesmm_jax import input_pipeline, train
 from tests import xla_flags
 from tests.test_train import tiny_config
 
