@@ -141,8 +141,12 @@ def memory(configs: list[str], devices: int, device_gb: float) -> None:
   from eesmm_jax import core, plan as plan_lib
   gib = 2 ** 30
 
-  def need(name: str, arg, images: int) -> tuple[int, int]:
-    c = importlib.import_module(f"eesmm_jax.configs.{name}").get_config(*arg)
+  def config(spec: str):
+    name, *arg = spec.split(":")
+    return importlib.import_module(f"eesmm_jax.configs.{name}").get_config(*arg)
+
+  def need(spec: str, images: int) -> tuple[int, int]:
+    c = config(spec)
     c.batch_size, c.data.dataset = images, "synthetic"
     p = plan_lib.pretraining(c, core.make_mesh(jax.devices()[:1]))
     batch = jax.ShapeDtypeStruct((images, c.img_size, c.img_size, 3), jnp.uint8,
@@ -151,10 +155,9 @@ def memory(configs: list[str], devices: int, device_gb: float) -> None:
     return m.argument_size_in_bytes, m.temp_size_in_bytes
 
   for spec in configs:
-    name, *arg = spec.split(":")
-    c = importlib.import_module(f"eesmm_jax.configs.{name}").get_config(*arg)
+    c = config(spec)
     per_device, n = c.batch_size // devices, c.objective.num_mix
-    (args6, temps6), (args12, temps12) = need(name, arg, 6), need(name, arg, 12)
+    (args6, temps6), (args12, temps12) = need(spec, 6), need(spec, 12)
     # Per image: its pixels (an argument) and its activations (temporaries); the rest is fixed.
     pixels, per_image = (args12 - args6) / 6, (temps12 - temps6) / 6
     fixed = args6 + temps6 - 6 * (pixels + per_image)  # params, optimizer state, workspace
