@@ -182,11 +182,12 @@ def throughput_fields(batch: int, times: list[float], num_devices: int) -> dict:
 # ----------------------------------------------------------------------------- JAX cell
 
 
-def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
-             steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
-             attention: Optional[str] = None, remat: str = "none", loop: bool = False) -> dict:
-  """Compile and time the trainer's own step: its plan, state (with the fp16 loss scale) and
-  jitted step (`core`), at SimMIM's AdamW recipe."""
+def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
+             data: str = "device", data_dir: Optional[str] = None,
+             attention: Optional[str] = None, remat: str = "none"):
+  """The trainer's own step, compiled: its plan, state (with the fp16 loss scale) and jitted step
+  (`core`), at SimMIM's AdamW recipe. Returns (config, plan, state, a uint8 device batch, the
+  compiled step, compile seconds)."""
   config = pretrain_config()
   config.img_size = img_size
   config.dtype = dtype
@@ -209,11 +210,19 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   images = jax.jit(lambda k: jax.random.randint(k, (batch, img_size, img_size, 3), 0, 256)
                    .astype(jax.numpy.uint8), out_shardings=p.data_sharding)(jax.random.key(1))
   step_fn = core.jit_train_step(p)
-  mesh, data_sharding = p.mesh, p.data_sharding
 
   t = time.perf_counter()
   compiled = step_fn.lower(state, images).compile()
-  compile_time = time.perf_counter() - t
+  return config, p, state, images, compiled, time.perf_counter() - t
+
+
+def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
+             steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
+             attention: Optional[str] = None, remat: str = "none", loop: bool = False) -> dict:
+  """Compile and time the trainer's own step (`jax_step`)."""
+  config, p, state, images, compiled, compile_time = jax_step(
+      backbone, img_size, window, num_mix, batch, dtype, data, data_dir, attention, remat)
+  mesh, data_sharding = p.mesh, p.data_sharding
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # cost_analysis counts one device's program; the batch is split over mesh.size devices.
@@ -285,10 +294,11 @@ def loop_images_per_sec(config, steps: int) -> float:
 # ----------------------------------------------------------------------------- PyTorch cell
 
 
-def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str, mode: str,
-               steps: int, warmup: int, mask_ratio: float = 0.6, mask_patch: int = 32) -> dict:
+def torch_step(backbone: str, img_size: int, window: int, batch: int, dtype: str, mode: str,
+               mask_ratio: float = 0.6, mask_patch: int = 32) -> Callable[[], float]:
   """microsoft/SimMIM's train step on timm's Swin: eager, or `torch.compile` of forward + loss
-  (backward and AdamW stay eager, as SimMIM's loop around a compiled model would run)."""
+  (backward and AdamW stay eager, as SimMIM's loop around a compiled model would run). Returns
+  the step: a call that runs one and returns its loss (after the device finished it)."""
   import torch
   from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
@@ -347,6 +357,16 @@ def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str
     opt.step()
     return loss.detach().item()  # waits for the step (CUDA included)
 
+  return one_step
+
+
+def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str, mode: str,
+               steps: int, warmup: int) -> dict:
+  """Time `torch_step`: the first step (eager: one step; compile: tracing, inductor's codegen
+  and one step), then the median of `steps` after `warmup`."""
+  import torch
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  one_step = torch_step(backbone, img_size, window, batch, dtype, mode)
   if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
   t = time.perf_counter()
@@ -357,7 +377,7 @@ def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str
   peak, source = None, "unavailable on CPU"
   if dev.type == "cuda":
     peak, source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
-  del model, opt, forward, x
+  del one_step
   gc.collect()
   if dev.type == "cuda":
     torch.cuda.empty_cache()

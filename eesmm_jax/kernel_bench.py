@@ -1,13 +1,17 @@
 """Where the step's kernels, compile time and memory go (issue 13), beside PyTorch.
 
-  python -m eesmm_jax.kernel_bench kernels   # LayerNorm and SimMIM's head, JAX forms vs torch
+  python -m eesmm_jax.kernel_bench kernels   # LayerNorm, SimMIM's head, attention: JAX forms vs torch
+  python -m eesmm_jax.kernel_bench profile   # the step's time by kind of op, JAX vs torch
   python -m eesmm_jax.kernel_bench compile   # the train step's compile time, by part
   python -m eesmm_jax.kernel_bench memory eesmm_swin_base_192 simmim_swin_base:224 ...
 
 `kernels`: forward and forward + backward medians (20 calls after one) at cpu-small's SimMIM 192/6
 shapes (swin_mini: stage-1 tokens [12, 48 * 48, 64]; the head's input [12, 6, 6, 512] to 3 * 32 *
-32 channels), each JAX form's largest difference from the first, and PyTorch's own modules on the
-same arrays (2 threads). `compile`: XLA's compile time of the swin_micro SimMIM step at 64/2,
+32 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads), each JAX form's
+largest difference from the first, and PyTorch's own modules on the same arrays (2 threads).
+`profile`: the cpu-small SimMIM 192/6 step (the benchmark's own, both frameworks) traced for 3
+steps after 2, each executed XLA thunk and each aten op (self time) put in one of `KINDS`.
+`compile`: XLA's compile time of the swin_micro SimMIM step at 64/2,
 batch 4, on one device: the loss alone, its gradient, the step with SGD, the step as the trainer
 builds it (AdamW, clipping, non-finite steps kept out), and that step with AdamW over one
 flattened vector (`optax.flatten`; its weight-decay mask then sees one vector, not the parameter
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import statistics
 import time
 
@@ -67,6 +73,42 @@ def _heads():
   return {"1x1 conv + shuffle": conv, "matmul + shuffle": matmul}
 
 
+def _attentions():
+  """Window attention at stage 1 of the step (768 windows of 36 tokens, 2 heads of 32), from
+  the qkv projection's output [windows, N, 3, heads, head_dim] and the bias [nW, heads, N, N]."""
+  def core(q, k, v, bias, spec, out_spec):  # spec: the layout of q, k and v
+    (nw, h, n, _), b, kv_spec = bias.shape, q.shape[0], spec.replace("n", "m")
+    attn = jnp.einsum(f"{spec},{kv_spec}->bhnm", q * q.shape[-1] ** -0.5, k)
+    attn = jax.nn.softmax(attn.reshape(b // nw, nw, h, n, n) + bias, axis=-1)
+    return jnp.einsum(f"bhnm,{kv_spec}->{out_spec}", attn.reshape(b, h, n, n), v)
+
+  def heads_minor(qkv, bias):  # models.swin.WindowAttention: [b, N, heads, d], no transpose
+    x = core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, "bnhd", "bnhd")
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+  def heads_major(qkv, bias):  # q, k, v each transposed to [b, heads, N, d]
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    x = core(q, k, v, bias, "bhnd", "bnhd")
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+  def one_transpose(qkv, bias):  # the reference's permute(2, 0, 3, 1, 4), then [b, h, N, d]
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    x = core(q, k, v, bias, "bhnd", "bhnd").transpose(0, 2, 1, 3)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+  return {"heads minor (ours)": heads_minor, "q, k, v transposed": heads_major,
+          "one qkv transpose": one_transpose}
+
+
+def _torch_attention(qkv, bias):
+  """timm's WindowAttention core on the same arrays (its permute, bmm, softmax, transpose)."""
+  b, n, _, h, d = qkv.shape
+  q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+  attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+  attn = (attn.view(b // bias.shape[0], bias.shape[0], h, n, n) + bias).view(b, h, n, n)
+  return (attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, h * d)
+
+
 def kernels() -> None:
   import torch
   torch.set_num_threads(2)
@@ -75,14 +117,18 @@ def kernels() -> None:
   x = rng.standard_normal((12, 48 * 48, 64), np.float32)
   z = rng.standard_normal((12, 6, 6, 512), np.float32)
   k = (rng.standard_normal((1, 1, 512, 3072)) * 0.02).astype(np.float32)
+  qkv = rng.standard_normal((768, 36, 3, 2, 32), np.float32)
+  bias = rng.standard_normal((64, 2, 36, 36), np.float32)
   cases = [("LayerNorm", _layer_norms(), (x, np.ones(64, np.float32), np.zeros(64, np.float32))),
-           ("head", _heads(), (z, k, np.zeros(3072, np.float32)))]
+           ("head", _heads(), (z, k, np.zeros(3072, np.float32))),
+           ("attention", _attentions(), (qkv, bias))]
   for title, forms, args in cases:
     args = [jnp.asarray(a) for a in args]
     first = None
     for name, f in forms.items():
       forward = jax.jit(f)
-      grad = jax.jit(jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), argnums=(0, 1, 2)))
+      grad = jax.jit(jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(),
+                              argnums=tuple(range(len(args)))))
       out = forward(*args)
       first = out if first is None else first
       print(f"{title:9s} {name:20s} forward {_median_ms(lambda: block(forward(*args))):7.2f} ms  "
@@ -93,9 +139,133 @@ def kernels() -> None:
   ln = torch.nn.LayerNorm(64)
   zt = torch.tensor(z.transpose(0, 3, 1, 2).copy(), requires_grad=True)
   head = torch.nn.Sequential(torch.nn.Conv2d(512, 3072, 1), torch.nn.PixelShuffle(32))
-  for title, module, t in (("LayerNorm", ln, xt), ("head", head, zt)):
+  qkv_t = torch.tensor(qkv, requires_grad=True)
+  bias_t = torch.tensor(bias, requires_grad=True)
+  attention = lambda t: _torch_attention(t, bias_t)
+  for title, module, t in (("LayerNorm", ln, xt), ("head", head, zt),
+                           ("attention", attention, qkv_t)):
     print(f"{title:9s} {'torch':20s} forward {_median_ms(lambda: module(t)):7.2f} ms  "
           f"forward+backward {_median_ms(lambda: (module(t) ** 2).sum().backward()):7.2f} ms")
+
+
+# The kinds a step's time is split into, for both frameworks.
+KINDS = ("matmuls", "reductions", "copies and transposes", "elementwise", "optimizer")
+_MOVES = {"parameter", "bitcast", "copy", "transpose", "slice", "concatenate", "pad", "broadcast",
+          "reshape", "constant", "iota", "dynamic-slice", "dynamic-update-slice", "gather",
+          "tuple", "get-tuple-element"}
+
+
+def _xla_kinds(hlo: str) -> dict[str, str]:
+  """Each instruction of a compiled module's text -> its kind: what its fused computation does
+  (a dot or convolution: matmuls; else a reduce: reductions; only data movement: copies; else
+  elementwise), or 'optimizer' where the op is not part of the model's forward or backward (its
+  op_name has no jvp: the AdamW update, clipping, the non-finite check)."""
+  bodies, name, ops = {}, None, set()
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head:
+      name, ops = head.group(1), set()
+      bodies[name] = ops
+    elif name:
+      op = re.search(r"= \S+ ([\w\-]+)\(", line)
+      if op:
+        ops.add(op.group(1))
+  kinds = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+    if not m:
+      continue
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    ops = bodies.get(called.group(1), set()) if called else {m.group(2)}
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if op_name and "jvp(" not in op_name.group(1):
+      kinds[m.group(1)] = "optimizer"
+    elif ops & {"dot", "convolution"}:
+      kinds[m.group(1)] = "matmuls"
+    elif ops & {"reduce", "reduce-window"}:
+      kinds[m.group(1)] = "reductions"
+    elif ops <= _MOVES:
+      kinds[m.group(1)] = "copies and transposes"
+    else:
+      kinds[m.group(1)] = "elementwise"
+  return kinds
+
+
+def _torch_kind(op: str) -> str:
+  """An aten op (torch.profiler's name) -> its kind, by the same split as `_xla_kinds`."""
+  name = op.split("::")[-1]
+  if name.startswith("_foreach") or name in ("_fused_adamw_", "addcdiv_", "addcmul_", "lerp_"):
+    return "optimizer"
+  if re.search(r"mm|matmul|linear|conv|bmm|baddbmm", name):
+    return "matmuls"
+  if re.search(r"norm|softmax|sum|mean|max|min|argsort|sort", name):
+    return "reductions"
+  if re.search(r"copy|clone|cat|roll|pad|permute|transpose|index|gather|scatter|repeat|shuffle|"
+               r"contiguous|view|reshape|unsqueeze|select|slice|expand|fill|zero|empty|as_strided"
+               r"|unbind|split|stack|flatten", name):
+    return "copies and transposes"
+  return "elementwise"
+
+
+def profile(steps: int = 3) -> None:
+  """Per-kind time of one cpu-small SimMIM 192/6 step: XLA's thunks (jax.profiler) against
+  PyTorch eager's aten ops (torch.profiler, self time), both after warm-up."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import tempfile
+
+  os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler's start/stop lines
+  import torch
+  from eesmm_jax import benchmark as bench
+
+  torch.set_num_threads(2)
+  cell = ("swin_mini", 192, 6)
+  *_, state, images, compiled, _ = bench.jax_step(*cell, num_mix=1, batch=12, dtype="float32")
+  kinds = _xla_kinds(compiled.as_text())
+  holder = {"state": state}
+
+  def run_jax():
+    holder["state"], metrics = compiled(holder["state"], images)
+    jax.block_until_ready((holder["state"], metrics))
+
+  for _ in range(2):
+    run_jax()
+  jax_ms = collections.Counter()
+  with tempfile.TemporaryDirectory() as out:
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      start = time.perf_counter()
+      for _ in range(steps):
+        run_jax()
+      jax_wall = (time.perf_counter() - start) / steps * 1e3
+    with gzip.open(glob.glob(f"{out}/**/perfetto_trace.json.gz", recursive=True)[0]) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  for e in events:  # one complete event per executed thunk, named as its HLO instruction
+    if e.get("ph") == "X" and e["name"] in kinds:
+      jax_ms[kinds[e["name"]]] += e["dur"] / 1e3 / steps
+  del holder, state, compiled
+
+  run_torch = bench.torch_step(*cell, batch=12, dtype="float32", mode="eager")
+  for _ in range(2):
+    run_torch()
+  torch_ms = collections.Counter()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    for _ in range(steps):
+      run_torch()
+    torch_wall = (time.perf_counter() - start) / steps * 1e3
+  for avg in prof.key_averages():
+    if avg.key.startswith("aten::"):
+      torch_ms[_torch_kind(avg.key)] += avg.self_cpu_time_total / 1e3 / steps
+
+  print(f"{'kind':24s} {'JAX ms/step':>12s} {'torch ms/step':>14s} {'JAX / torch':>12s}")
+  for kind in KINDS + ("all ops", "step (wall, profiled)"):
+    j, t = {"all ops": (sum(jax_ms.values()), sum(torch_ms.values())),
+            "step (wall, profiled)": (jax_wall, torch_wall)}.get(kind, (jax_ms[kind],
+                                                                      torch_ms[kind]))
+    print(f"{kind:24s} {j:12.1f} {t:14.1f} {j / t if t else float('nan'):12.2f}", flush=True)
 
 
 def compile_times() -> None:
@@ -172,7 +342,7 @@ def memory(configs: list[str], devices: int, device_gb: float) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("what", choices=("kernels", "compile", "memory"))
+  parser.add_argument("what", choices=("kernels", "profile", "compile", "memory"))
   parser.add_argument("configs", nargs="*", help="memory: config modules, name[:arg]")
   parser.add_argument("--devices", type=int, default=4, help="memory: devices the batch spans")
   parser.add_argument("--device_gb", type=float, default=32.0, help="memory: device memory")
@@ -180,6 +350,8 @@ def main(argv=None) -> None:
   jax.config.update("jax_enable_compilation_cache", False)  # compile times are the point
   if args.what == "kernels":
     kernels()
+  elif args.what == "profile":
+    profile()
   elif args.what == "compile":
     compile_times()
   else:

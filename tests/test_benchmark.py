@@ -72,3 +72,28 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
   assert "paper GPU-h/ep" in table and "Units:" in table
   with Image.open(out / "timing.png") as png:
     assert png.size[0] > 100 and png.size[1] > 50
+
+
+def test_profile_sorts_xla_thunks_and_aten_ops_into_the_same_kinds():
+  """`kernel_bench profile` compares JAX and PyTorch by kind of op; each kind must catch what it
+  names, in a compiled program with one of each."""
+  import jax
+  import jax.numpy as jnp
+  from eesmm_jax import kernel_bench
+
+  def step(x, w):
+    y = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) ** 2))(w)     # forward and backward: jvp
+    return w - 0.1 * y, jnp.transpose(x).copy(), jnp.sum(x, axis=1)
+
+  x, w = jnp.ones((32, 16)), jnp.ones((16, 8))
+  hlo = jax.jit(step).lower(x, w).compile().as_text()
+  kinds = kernel_bench._xla_kinds(hlo)
+  assert set(kinds.values()) <= set(kernel_bench.KINDS)
+  assert "matmuls" in kinds.values() and "optimizer" in kinds.values()
+  # Names the profiler reports, by kind (torch.profiler's aten ops).
+  expect = {"aten::addmm": "matmuls", "aten::bmm": "matmuls", "aten::convolution_backward":
+            "matmuls", "aten::native_layer_norm_backward": "reductions", "aten::_softmax":
+            "reductions", "aten::copy_": "copies and transposes", "aten::roll":
+            "copies and transposes", "aten::gelu_backward": "elementwise", "aten::add":
+            "elementwise", "aten::_foreach_mul_": "optimizer"}
+  assert {op: kernel_bench._torch_kind(op) for op in expect} == expect
