@@ -1,25 +1,25 @@
 """Where the step's kernels, compile time and memory go (issue 13), beside PyTorch.
 
-  python -m eesmm_jax.kernel_bench kernels   # LayerNorm, SimMIM's head, attention: JAX forms vs torch
+  python -m eesmm_jax.kernel_bench kernels   # Linear, LayerNorm, head, attention: JAX vs torch
   python -m eesmm_jax.kernel_bench profile   # the step's time by kind of op, JAX vs torch
   python -m eesmm_jax.kernel_bench compile   # the train step's compile time, by part
   python -m eesmm_jax.kernel_bench memory eesmm_swin_base_192 simmim_swin_base:224 ...
 
 `kernels`: forward and forward + backward medians (20 calls after one) at cpu-small's SimMIM 192/6
-shapes (swin_mini: stage-1 tokens [12, 48 * 48, 64]; the head's input [12, 6, 6, 512] to 3 * 32 *
-32 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads), each JAX form's
-largest difference from the first, and PyTorch's own modules on the same arrays (2 threads).
-`profile`: the cpu-small SimMIM 192/6 step (the benchmark's own, both frameworks) traced for 3
-steps after 2, each executed XLA thunk and each aten op (self time) put in one of `KINDS`.
-`compile`: XLA's compile time of the swin_micro SimMIM step at 64/2,
-batch 4, on one device: the loss alone, its gradient, the step with SGD, the step as the trainer
-builds it (AdamW, clipping, non-finite steps kept out), and that step with AdamW over one
-flattened vector (`optax.flatten`; its weight-decay mask then sees one vector, not the parameter
-tree, so it is a different optimizer: a compile-time comparison only). `memory`: a config's
-per-device need at its batch on `--devices` devices, from XLA's memory analysis of its step
-compiled at 6 and 12 images on one device and extrapolated linearly in the images (shapes only:
-nothing is allocated), and the fewest `micro_batches` that fit `--device_gb`. Numbers and their
-reading: docs/timing.md and the configs' docstrings.
+shapes (swin_mini: stage-1 tokens [12, 48 * 48, 64] through fc1's 64 -> 256 and LayerNorm; the
+head's input [12, 6, 6, 512] to 3 * 32 * 32 channels; stage-1 window attention, 768 windows of
+36 tokens and 2 heads), each JAX form's largest difference from the first, and PyTorch's own
+modules on the same arrays (2 threads). `profile`: the cpu-small SimMIM 192/6 step (the
+benchmark's own, both frameworks) traced for 3 steps after 2, each executed XLA thunk and each
+aten op (self time) put in one of `KINDS`. `compile`: XLA's compile time of the swin_micro
+SimMIM step at 64/2, batch 4, on one device: the loss alone, its gradient, the step with SGD,
+the step as the trainer builds it (AdamW, clipping, non-finite steps kept out), and that step
+with AdamW over one flattened vector (`optax.flatten`; its weight-decay mask then sees one
+vector, not the parameter tree, so it is a different optimizer: a compile-time comparison
+only). `memory`: a config's per-device need at its batch on `--devices` devices, from XLA's
+memory analysis of its step compiled at 6 and 12 images on one device and extrapolated linearly
+in the images (shapes only: nothing is allocated), and the fewest `micro_batches` that fit
+`--device_gb`. Numbers and their reading: docs/timing.md and the configs' docstrings.
 """
 from __future__ import annotations
 
@@ -73,6 +73,13 @@ def _heads():
   return {"1x1 conv + shuffle": conv, "matmul + shuffle": matmul}
 
 
+def _linears():
+  def dense(x, w, b):  # flax nn.Dense's computation
+    return jnp.dot(x, w) + b
+
+  return {"x @ W + b": dense}
+
+
 def _attentions():
   """Window attention at stage 1 of the step (768 windows of 36 tokens, 2 heads of 32), from
   the qkv projection's output [windows, N, 3, heads, head_dim] and the bias [nW, heads, N, N]."""
@@ -119,7 +126,9 @@ def kernels() -> None:
   k = (rng.standard_normal((1, 1, 512, 3072)) * 0.02).astype(np.float32)
   qkv = rng.standard_normal((768, 36, 3, 2, 32), np.float32)
   bias = rng.standard_normal((64, 2, 36, 36), np.float32)
-  cases = [("LayerNorm", _layer_norms(), (x, np.ones(64, np.float32), np.zeros(64, np.float32))),
+  w = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
+  cases = [("Linear", _linears(), (x, w, np.zeros(256, np.float32))),
+           ("LayerNorm", _layer_norms(), (x, np.ones(64, np.float32), np.zeros(64, np.float32))),
            ("head", _heads(), (z, k, np.zeros(3072, np.float32))),
            ("attention", _attentions(), (qkv, bias))]
   for title, forms, args in cases:
@@ -136,13 +145,14 @@ def kernels() -> None:
             f"max diff {float(jnp.abs(out - first).max()):.1e}", flush=True)
 
   xt = torch.tensor(x, requires_grad=True)
+  linear = torch.nn.Linear(64, 256)
   ln = torch.nn.LayerNorm(64)
   zt = torch.tensor(z.transpose(0, 3, 1, 2).copy(), requires_grad=True)
   head = torch.nn.Sequential(torch.nn.Conv2d(512, 3072, 1), torch.nn.PixelShuffle(32))
   qkv_t = torch.tensor(qkv, requires_grad=True)
   bias_t = torch.tensor(bias, requires_grad=True)
   attention = lambda t: _torch_attention(t, bias_t)
-  for title, module, t in (("LayerNorm", ln, xt), ("head", head, zt),
+  for title, module, t in (("Linear", linear, xt), ("LayerNorm", ln, xt), ("head", head, zt),
                            ("attention", attention, qkv_t)):
     print(f"{title:9s} {'torch':20s} forward {_median_ms(lambda: module(t)):7.2f} ms  "
           f"forward+backward {_median_ms(lambda: (module(t) ** 2).sum().backward()):7.2f} ms")

@@ -31,7 +31,7 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
   cmd = [sys.executable, "-m", "eesmm_jax.benchmark", "--preset", "cpu-small", "--out", str(out),
          "--backbones", "swin_micro", "--sizes", "64/2", "--methods", "simmim,eesmm2",
          "--batch", "4", "--steps", "2",
-         "--warmup", "1", "--torch", "eager", "--loop"]
+         "--warmup", "1", "--torch", "eager"]  # --loop: test_core's TF-free cell
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
                              "XLA_FLAGS": xla_flags(2)})
@@ -61,8 +61,7 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
   assert simmim["num_devices"] == 2 and torch_row["num_devices"] == 1
   for c in (simmim, eesmm):
     assert c["peak_bytes"] > 0 and c["peak_bytes_source"].startswith("xla")
-    # The whole trainer loop, timed beside the bare step (loosely: 3 steps on a busy machine).
-    assert c["loop_images_per_sec"] > 0 and 0.05 < c["loop_vs_step"] < 3
+    assert "loop_images_per_sec" not in c  # only with --loop
   assert eesmm["speedup_vs_simmim"] == pytest.approx(
       eesmm["images_per_sec"] / simmim["images_per_sec"])
   assert simmim["ratio_vs_torch_eager_simmim"] > 0

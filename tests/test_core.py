@@ -65,12 +65,15 @@ def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_p
     status = benchmark.main(["--preset", "cpu-small", "--out", {str(tmp_path / "timing")!r},
                              "--backbones", "swin_micro", "--sizes", "64/2",
                              "--methods", "eesmm2", "--batch", "4", "--steps", "1",
-                             "--warmup", "0", "--torch", "none", "--dtype", "float16"])
+                             "--warmup", "0", "--torch", "none", "--dtype", "float16",
+                             "--loop"])
     assert status == 0
     # The fp16 cell is the trainer's step, dynamic loss scale included (float32 cells carry
-    # none: test_benchmark checks them).
+    # none: test_benchmark checks them); its loop mode times the whole trainer loop beside it
+    # (loosely: two steps on a busy machine).
     (cell,) = json.load(open({str(tmp_path / "timing" / "timing.json")!r}))
     assert cell["dtype"] == "float16" and cell["loss_scale"] > 0, cell
+    assert cell["loop_images_per_sec"] > 0 and 0.05 < cell["loop_vs_step"] < 3, cell
     assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "clu")
                 and sys.modules[m] is not None]
     print("ok")
