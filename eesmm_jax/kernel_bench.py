@@ -226,7 +226,6 @@ def profile(steps: int = 3) -> None:
   import json
   import tempfile
 
-  os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler's start/stop lines
   import torch
   from eesmm_jax import benchmark as bench
 
@@ -261,11 +260,20 @@ def profile(steps: int = 3) -> None:
   for _ in range(2):
     run_torch()
   torch_ms = collections.Counter()
-  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-    start = time.perf_counter()
-    for _ in range(steps):
-      run_torch()
-    torch_wall = (time.perf_counter() - start) / steps * 1e3
+  # kineto writes its start/stop lines to fd 2 whatever KINETO_LOG_LEVEL says: muted for the
+  # profiled steps only (an error there still raises, and prints once fd 2 is back).
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      start = time.perf_counter()
+      for _ in range(steps):
+        run_torch()
+      torch_wall = (time.perf_counter() - start) / steps * 1e3
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
   for avg in prof.key_averages():
     if avg.key.startswith("aten::"):
       torch_ms[_torch_kind(avg.key)] += avg.self_cpu_time_total / 1e3 / steps
