@@ -1,6 +1,6 @@
 """Timing tables: SimMIM vs EESMM train steps, in JAX and in the PyTorch reference, one process.
 
-    python -m eesmm_jax.benchmark --preset cpu-small --out /tmp/timing     # ~4 min on 2 cores
+    python -m eesmm_jax.benchmark --preset cpu-small --out /tmp/timing     # ~8 min on 2 cores
     python -m eesmm_jax.benchmark --preset gpu --out /tmp/timing           # the paper's sizes
     python -m eesmm_jax.benchmark --preset gpu --methods eesmm2 --backbones swin_base \\
         --sizes 224/7 --torch none --out /tmp/one_cell                     # one cell
