@@ -278,11 +278,11 @@ def profile(steps: int = 3) -> None:
     if avg.key.startswith("aten::"):
       torch_ms[_torch_kind(avg.key)] += avg.self_cpu_time_total / 1e3 / steps
 
+  rows = [(kind, jax_ms[kind], torch_ms[kind]) for kind in KINDS]
+  rows += [("all ops", sum(jax_ms.values()), sum(torch_ms.values())),
+           ("step (wall, profiled)", jax_wall, torch_wall)]
   print(f"{'kind':24s} {'JAX ms/step':>12s} {'torch ms/step':>14s} {'JAX / torch':>12s}")
-  for kind in KINDS + ("all ops", "step (wall, profiled)"):
-    j, t = {"all ops": (sum(jax_ms.values()), sum(torch_ms.values())),
-            "step (wall, profiled)": (jax_wall, torch_wall)}.get(kind, (jax_ms[kind],
-                                                                      torch_ms[kind]))
+  for kind, j, t in rows:
     print(f"{kind:24s} {j:12.1f} {t:14.1f} {j / t if t else float('nan'):12.2f}", flush=True)
 
 
