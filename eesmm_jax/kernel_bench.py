@@ -1,14 +1,14 @@
 """Where the step's kernels, compile time and memory go (issue 13), beside PyTorch.
 
-  python -m eesmm_jax.kernel_bench kernels   # Linear, LayerNorm, head, attention: JAX vs torch
+  python -m eesmm_jax.kernel_bench kernels   # Linear, LayerNorm, head, patches, attention
   python -m eesmm_jax.kernel_bench profile   # the step's time by kind of op, JAX vs torch
   python -m eesmm_jax.kernel_bench compile   # the train step's compile time, by part
   python -m eesmm_jax.kernel_bench memory eesmm_swin_base_192 simmim_swin_base:224 ...
 
 `kernels`: forward and forward + backward medians (20 calls after one) at cpu-small's SimMIM 192/6
-shapes (swin_mini: stage-1 tokens [12, 48 * 48, 64] through fc1's 64 -> 256 and LayerNorm; the
-head's input [12, 6, 6, 512] to 3 * 32 * 32 channels; stage-1 window attention, 768 windows of
-36 tokens and 2 heads), each JAX form's largest difference from the first, and PyTorch's own
+shapes (swin_mini: stage-1 tokens [12, 48, 48, 64] through fc1's 64 -> 256 and LayerNorm; the
+head's input [12, 6, 6, 512] to 3 * 32 * 32 channels; the patch embedding of [12, 192, 192, 3]
+to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads), each JAX form's largest difference from the first, and PyTorch's own
 modules on the same arrays (2 threads). `profile`: the cpu-small SimMIM 192/6 step (the
 benchmark's own, both frameworks) traced for 3 steps after 2, each executed XLA thunk and each
 aten op (self time) put in one of `KINDS`. `compile`: XLA's compile time of the swin_micro
@@ -34,6 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from eesmm_jax.models import swin
 
 
 def _median_ms(call) -> float:
@@ -67,17 +69,34 @@ def _heads():
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return pixel_shuffle(y + b, 32, 1)
 
-  def matmul(z, k, b):  # decoders.Conv1x1
-    return pixel_shuffle(jnp.einsum("...c,co->...o", z, k[0, 0]) + b, 32, 1)
+  def matmul(z, k, b):  # swin.PatchConv at p = 1
+    return pixel_shuffle(_patch_matmul(z, k) + b, 32, 1)
 
   return {"1x1 conv + shuffle": conv, "matmul + shuffle": matmul}
 
 
+def _patch_matmul(x, k):
+  """swin.PatchConv's computation: patches flattened, one matmul."""
+  return swin.PatchConv(k.shape[-1], k.shape[0]).apply(
+      {"params": {"kernel": k, "bias": jnp.zeros(k.shape[-1])}}, x)
+
+
+def _patch_embeds():
+  def conv(x, k):  # flax nn.Conv's computation
+    return jax.lax.conv_general_dilated(x, k, k.shape[:2], "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  return {"4x4 conv, stride 4": conv, "patches @ W (ours)": _patch_matmul}
+
+
 def _linears():
-  def dense(x, w, b):  # flax nn.Dense's computation
+  def dense(x, w, b):  # flax nn.Dense's own dot, contracting every leading axis in backward
     return jnp.dot(x, w) + b
 
-  return {"x @ W + b": dense}
+  def flat(x, w, b):  # swin.Dense: tokens merged into one axis first
+    return swin.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))) + b
+
+  return {"x @ W + b": dense, "tokens flat (ours)": flat}
 
 
 def _attentions():
@@ -121,7 +140,9 @@ def kernels() -> None:
   torch.set_num_threads(2)
   block = jax.block_until_ready
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((12, 48 * 48, 64), np.float32)
+  x = rng.standard_normal((12, 48, 48, 64), np.float32)
+  images = rng.standard_normal((12, 192, 192, 3), np.float32)
+  patch_kernel = (rng.standard_normal((4, 4, 3, 64)) * 0.1).astype(np.float32)
   z = rng.standard_normal((12, 6, 6, 512), np.float32)
   k = (rng.standard_normal((1, 1, 512, 3072)) * 0.02).astype(np.float32)
   qkv = rng.standard_normal((768, 36, 3, 2, 32), np.float32)
@@ -130,6 +151,7 @@ def kernels() -> None:
   cases = [("Linear", _linears(), (x, w, np.zeros(256, np.float32))),
            ("LayerNorm", _layer_norms(), (x, np.ones(64, np.float32), np.zeros(64, np.float32))),
            ("head", _heads(), (z, k, np.zeros(3072, np.float32))),
+           ("patches", _patch_embeds(), (images, patch_kernel)),
            ("attention", _attentions(), (qkv, bias))]
   for title, forms, args in cases:
     args = [jnp.asarray(a) for a in args]
@@ -144,7 +166,9 @@ def kernels() -> None:
             f"forward+backward {_median_ms(lambda: block(grad(*args))):7.2f} ms  "
             f"max diff {float(jnp.abs(out - first).max()):.1e}", flush=True)
 
-  xt = torch.tensor(x, requires_grad=True)
+  xt = torch.tensor(x.reshape(12, 48 * 48, 64), requires_grad=True)
+  images_t = torch.tensor(images.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+  patch_embed = torch.nn.Conv2d(3, 64, 4, 4)
   linear = torch.nn.Linear(64, 256)
   ln = torch.nn.LayerNorm(64)
   zt = torch.tensor(z.transpose(0, 3, 1, 2).copy(), requires_grad=True)
@@ -153,6 +177,7 @@ def kernels() -> None:
   bias_t = torch.tensor(bias, requires_grad=True)
   attention = lambda t: _torch_attention(t, bias_t)
   for title, module, t in (("Linear", linear, xt), ("LayerNorm", ln, xt), ("head", head, zt),
+                           ("patches", patch_embed, images_t),
                            ("attention", attention, qkv_t)):
     print(f"{title:9s} {'torch':20s} forward {_median_ms(lambda: module(t)):7.2f} ms  "
           f"forward+backward {_median_ms(lambda: (module(t) ** 2).sum().backward()):7.2f} ms")

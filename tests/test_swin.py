@@ -1,5 +1,6 @@
 """Swin model: shapes, variants, size validation and train-mode behaviour (no PyTorch needed)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +74,25 @@ def test_bf16_compute_keeps_float32_params():
   params = model.init(jax.random.key(0), x)["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
   assert model.apply({"params": params}, x).dtype == jnp.bfloat16
+
+
+def test_patch_conv_and_dense_equal_flax_conv_and_dense_with_their_gradients():
+  """PatchConv and Dense compute flax's nn.Conv (kernel = stride, VALID) and nn.Dense by other
+  matmul layouts (issue 13): same parameters, same values and gradients."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 18, 17, 3)), jnp.float32)  # 4 does not divide 18, 17
+  tokens = jnp.asarray(rng.standard_normal((2, 5, 6, 8)), jnp.float32)
+  pairs = [(swin.PatchConv(16, 4), nn.Conv(16, (4, 4), strides=(4, 4), padding="VALID"), x),
+           (swin.PatchConv(16), nn.Conv(16, (1, 1)), x),
+           (swin.Dense(16), nn.Dense(16), tokens)]
+  with jax.default_matmul_precision("highest"):
+    for ours, theirs, inputs in pairs:
+      params = theirs.init(jax.random.key(1), inputs)
+      assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), inputs)) == \
+          jax.tree.map(jnp.shape, params)
+      loss = lambda m: lambda p, v: jnp.sum(jnp.sin(m.apply(p, v)))
+      value, grads = jax.value_and_grad(loss(ours), argnums=(0, 1))(params, inputs)
+      ref_value, ref_grads = jax.value_and_grad(loss(theirs), argnums=(0, 1))(params, inputs)
+      np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+      for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)

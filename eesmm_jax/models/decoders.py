@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eesmm_jax.models import swin
+
 Dtype = Any
 
 
@@ -29,25 +31,6 @@ def pixel_shuffle(x: jax.Array, stride: int, num_outputs: int) -> jax.Array:
   x = x.reshape(b, h, w, n, c, r, r)
   x = x.transpose(0, 3, 1, 5, 2, 6, 4)  # b, n, h, i, w, j, c
   return x.reshape(b, n, h * r, w * r, c)
-
-
-class Conv1x1(nn.Module):
-  """A 1x1 convolution with `nn.Conv`'s parameters (kernel [1, 1, C, out], lecun-normal; bias
-  zeros), computed as one matmul over the channels: on XLA:CPU the head's forward + backward
-  takes about half the convolution's time with the same results (`python -m
-  eesmm_jax.kernel_bench kernels`, swin_mini 192/6, 12 images: 40.2 against 75.7 ms; PyTorch's
-  conv + shuffle 48.5 ms; an earlier run 43.9 against 64.2)."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (1, 1, x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (x, kernel, bias))
-    return jnp.einsum("...c,co->...o", x, kernel[0, 0]) + bias
 
 
 class SimMIMDecoder(nn.Module):
@@ -64,7 +47,7 @@ class SimMIMDecoder(nn.Module):
   @nn.compact
   def __call__(self, z):
     channels = self.num_outputs * self.in_chans * self.stride ** 2
-    x = Conv1x1(channels, name="0", dtype=self.dtype, param_dtype=self.param_dtype)(z)
+    x = swin.PatchConv(channels, name="0", dtype=self.dtype, param_dtype=self.param_dtype)(z)
     return pixel_shuffle(x, self.stride, self.num_outputs)
 
 
@@ -94,7 +77,7 @@ class DecoderBlock(nn.Module):
   def __call__(self, x):
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+    dense = functools.partial(swin.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     y = norm(name="norm1")(x)
     x = x + nn.MultiHeadDotProductAttention(
@@ -129,7 +112,7 @@ class TransformerDecoder(nn.Module):
     b, h, w, _ = z.shape
     if h != w:
       raise ValueError(f"TransformerDecoder expects a square feature map, got {h}x{w}")
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+    dense = functools.partial(swin.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     x = dense(self.dim, name="embed")(z.reshape(b, h * w, -1))
     x = x + jnp.asarray(sincos_pos_embed_2d(h, self.dim), x.dtype)[None]

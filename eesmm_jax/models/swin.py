@@ -35,6 +35,30 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
 
+
+def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` of tokens [..., C] with a weight [C, out], as one 2-D matmul.
+
+  The leading axes are merged first, so the weight's gradient is a matmul with one contracting
+  axis, which XLA folds into the dot as a transposed operand. Contracting over every leading axis
+  instead (flax's own dot on [B, H, W, C]), XLA:CPU first copies the gradient or the
+  activations into a transposed layout, fused with the window partition around it, at a few
+  hundred MB/s: a swin_mini SimMIM step at 192/6 spent 250 ms of its 1.8 s in such copies
+  (`python -m eesmm_jax.kernel_bench profile`). Same values; other dot_generals pass through.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  if lhs.ndim > 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and not lhs_batch:
+    out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs,
+                              (((1,), tuple(rhs_contract)), ((), ())), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(lhs.shape[:-1] + out.shape[1:])
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+# Every Linear of the models: flax's Dense (its parameters, init and dtypes), tokens flattened.
+Dense = functools.partial(nn.Dense, dot_general=token_dot_general)
+
 # Rematerialisation of the blocks in the backward pass (`SwinTransformer.remat`): the
 # jax.checkpoint policy of the scan over each stage's blocks (`BasicLayer._scan_blocks`).
 # 'full' keeps only each block's input and recomputes the block. 'dots' also keeps the outputs of
@@ -138,6 +162,32 @@ def _split(rng: Optional[jax.Array], n: int) -> list:
 # Modules.
 
 
+class PatchConv(nn.Module):
+  """A convolution whose kernel is its stride (p x p, stride p, VALID), with `nn.Conv`'s
+  parameters (kernel [p, p, C, out], lecun-normal; bias zeros), computed as one matmul of the
+  flattened patches: the reference's patch embedding (p = patch size) and SimMIM's 1x1 head
+  (p = 1). On XLA:CPU the convolution's weight gradient runs through transposes of the whole
+  activation; the matmul's does not (`python -m eesmm_jax.kernel_bench kernels`: the SimMIM
+  head's forward + backward 40.2 against 75.7 ms as a convolution, PyTorch's 48.5)."""
+  features: int
+  patch: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p, (b, h, w, c) = self.patch, x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    h, w = h // p, w // p  # VALID: a remainder smaller than the patch is dropped
+    patches = x[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (patches, kernel, bias))
+    # Patch pixels in the kernel's (row, column, channel) order, one matmul over all tokens.
+    return token_dot_general(x.reshape(b, h, w, p * p * c), kernel.reshape(-1, self.features),
+                             (((3,), (0,)), ((), ()))) + bias
+
+
 class PatchEmbed(nn.Module):
   """Conv patch x patch, stride patch, then LayerNorm if `patch_norm` -> [B, H/p, W/p, C]."""
   patch_size: int
@@ -149,8 +199,8 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x):
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="proj",
-                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    x = PatchConv(self.embed_dim, p, name="proj", dtype=self.dtype,
+                  param_dtype=self.param_dtype)(x)
     if self.patch_norm:
       x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return x
@@ -164,7 +214,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, rng: Optional[jax.Array] = None):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=trunc_normal)
     out_features = x.shape[-1]
     rngs = _split(rng, 2)
@@ -201,7 +251,7 @@ class WindowAttention(nn.Module):
     ws = self.window_size
     table = self.param("relative_position_bias_table", trunc_normal,
                        ((2 * ws - 1) * (2 * ws - 1), self.num_heads), self.param_dtype)
-    qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype,
+    qkv = Dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype,
                    param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
     # [B_, N, heads, head_dim]: both attention paths read q, k, v without a transpose.
     qkv = qkv.reshape(b_, n, 3, self.num_heads, head_dim)
@@ -234,7 +284,7 @@ class WindowAttention(nn.Module):
       attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype).reshape(b_, self.num_heads, n, n)
       attn = nn.Dropout(self.attn_drop)(attn, deterministic=deterministic, rng=rngs[0])
       x = jnp.einsum("bhnm,bmhd->bnhd", attn, v)
-    x = nn.Dense(c, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
+    x = Dense(c, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=trunc_normal)(x.reshape(b_, n, c))
     return nn.Dropout(self.proj_drop)(x, deterministic=deterministic, rng=rngs[1])
 
@@ -323,7 +373,7 @@ class PatchMerging(nn.Module):
     x3 = x[:, 1::2, 1::2]
     x = jnp.concatenate([x0, x1, x2, x3], axis=-1)
     x = LayerNorm(name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    return nn.Dense(2 * self.dim, use_bias=False, name="reduction", dtype=self.dtype,
+    return Dense(2 * self.dim, use_bias=False, name="reduction", dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
 
 
@@ -542,7 +592,7 @@ class SwinTransformer(nn.Module):
     x = x.mean(axis=(1, 2))
     if self.num_classes == 0:
       return x
-    return nn.Dense(self.num_classes, name="head", dtype=self.dtype, param_dtype=self.param_dtype,
+    return Dense(self.num_classes, name="head", dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=trunc_normal)(x)
 
 
