@@ -8,8 +8,9 @@
 `kernels`: forward and forward + backward medians (20 calls after one) at cpu-small's SimMIM 192/6
 shapes (swin_mini: stage-1 tokens [12, 48, 48, 64] through fc1's 64 -> 256 and LayerNorm; the
 head's input [12, 6, 6, 512] to 3 * 32 * 32 channels; the patch embedding of [12, 192, 192, 3]
-to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads), each JAX form's largest difference from the first, and PyTorch's own
-modules on the same arrays (2 threads). `profile`: the cpu-small SimMIM 192/6 step (the
+to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads), each JAX
+form's largest difference from the first, and PyTorch's own modules on the same arrays (2
+threads). `profile`: the cpu-small SimMIM 192/6 step (the
 benchmark's own, both frameworks) traced for 3 steps after 2, each executed XLA thunk and each
 aten op (self time) put in one of `KINDS`. `compile`: XLA's compile time of the swin_micro
 SimMIM step at 64/2, batch 4, on one device: the loss alone, its gradient, the step with SGD,
