@@ -283,11 +283,16 @@ def loop_images_per_sec(config, steps: int) -> float:
     train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
-  # Each row's rate covers the steps since the previous row (from the end of step 1 on).
+  # Each row's rate covers the steps since the previous row (from the end of step 1 on); a row
+  # at step 1 (which compiles) or one repeating a step adds no timed steps.
   seconds, last = 0.0, 1
   for row in rows:
-    seconds += (row["step"] - last) * config.batch_size / row["images_per_sec"]
-    last = row["step"]
+    if row["step"] > last:
+      seconds += (row["step"] - last) * config.batch_size / row["images_per_sec"]
+      last = row["step"]
+  if last == 1:
+    raise RuntimeError(f"the trainer loop logged no step after the first: steps "
+                       f"{[row['step'] for row in rows]} of {config.total_steps}")
   return (last - 1) * config.batch_size / seconds
 
 
