@@ -9,8 +9,10 @@ Grid: method (SimMIM = EESMM n=1, EESMM n=2, n=3) x backbone x image/window size
 trains on the same `--batch` images per step (SimMIM: that many encoder inputs, EESMM: batch / n
 blends), so images/s compare methods directly. Per cell: compile time, the median of `--steps`
 timed steps after `--warmup` (each step ends in `block_until_ready`), images/s (and per device),
-XLA's FLOPs per image, MFU against `PEAK_FLOPS` (null where the device is not in the table, e.g.
-CPUs), peak memory and its source, and GPU-hours per ImageNet epoch and per 800 epochs.
+XLA's FLOPs per image (of the step as lowered, before optimisation: the compiled GPU program's
+count misses the matmuls that became cuBLAS calls), MFU against `PEAK_FLOPS` (null where the
+device is not in the table, e.g. CPUs), peak memory and its source, and GPU-hours per ImageNet
+epoch and per 800 epochs.
 
 Data: by default one batch of random images lives on the device and every step reuses it, so the
 input pipeline is not timed; `--data cifar10` (or imagenet2012 / folder with `--data_dir`) feeds
@@ -92,8 +94,8 @@ PRESETS = {
     "cpu-small": dict(backbones=("swin_mini",), sizes=((192, 6), (224, 7)), methods=(1, 2, 3),
                       batch=12, steps=5, warmup=1, dtype="float32", torch=("eager",),
                       time_budget=0),
-    # One H100/H200/A100 (bf16) or V100 (fp16); --time_budget keeps launch/benchmark_gpu.sh
-    # under 8 minutes by skipping (and listing) the cells that would not fit.
+    # One H100/H200/A100 (bf16) or V100 (fp16). Swin-B's 10 cells took about 14 min on an
+    # H200 (launch/benchmark_gpu.sh); --time_budget skips (and lists) the cells past it.
     "gpu": dict(backbones=("swin_base", "swin_large"), sizes=((192, 6), (224, 7)),
                 methods=(1, 2, 3), batch={"swin_base": 96, "swin_large": 48}, steps=10,
                 warmup=2, dtype="auto", torch=("eager", "compile"), time_budget=0),
@@ -187,7 +189,7 @@ def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int
              attention: Optional[str] = None, remat: str = "none"):
   """The trainer's own step, compiled: its plan, state (with the fp16 loss scale) and jitted step
   (`core`), at SimMIM's AdamW recipe. Returns (config, plan, state, a uint8 device batch, the
-  compiled step, compile seconds)."""
+  lowered and the compiled step, compile seconds)."""
   config = pretrain_config()
   config.img_size = img_size
   config.dtype = dtype
@@ -211,22 +213,26 @@ def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int
                    .astype(jax.numpy.uint8), out_shardings=p.data_sharding)(jax.random.key(1))
   step_fn = core.jit_train_step(p)
 
+  lowered = step_fn.lower(state, images)
   t = time.perf_counter()
-  compiled = step_fn.lower(state, images).compile()
-  return config, p, state, images, compiled, time.perf_counter() - t
+  compiled = lowered.compile()
+  return config, p, state, images, lowered, compiled, time.perf_counter() - t
 
 
 def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
              steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
              attention: Optional[str] = None, remat: str = "none", loop: bool = False) -> dict:
   """Compile and time the trainer's own step (`jax_step`)."""
-  config, p, state, images, compiled, compile_time = jax_step(
+  config, p, state, images, lowered, compiled, compile_time = jax_step(
       backbone, img_size, window, num_mix, batch, dtype, data, data_dir, attention, remat)
   mesh, data_sharding = p.mesh, p.data_sharding
-  cost = compiled.cost_analysis()
+  # XLA's count of the whole step before optimisation (before SPMD partitioning, so for the
+  # global batch): the same on every backend and mesh. The compiled program's count is not:
+  # on a GPU it misses the matmuls that became cuBLAS calls (an H200 counted 5.3 of Swin-B
+  # 192/6 SimMIM's 69 GFLOPs per image), and on a mesh it counts replicated work per device.
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  # cost_analysis counts one device's program; the batch is split over mesh.size devices.
-  flops_per_image = float(cost["flops"]) * mesh.size / batch if cost and "flops" in cost else None
+  flops_per_image = float(cost["flops"]) / batch if cost and "flops" in cost else None
 
   if data == "device":
     next_images = lambda: images
@@ -445,7 +451,8 @@ def markdown(cells: list[dict], meta: dict, command: str) -> str:
       "",
       "Units: step time is the median of the timed steps (after warm-up, each ending in "
       "`block_until_ready` / `cuda.synchronize`); img/s counts *images* (an EESMM blend of n "
-      "images counts n); GFLOPs/img is XLA's count for forward + backward + AdamW; MFU uses "
+      "images counts n); GFLOPs/img is XLA's count of the step before optimisation (forward + "
+      "backward + AdamW, the same on every backend and mesh); MFU uses "
       "the per-device dense peak of the compute dtype ('-' = device not in the table, e.g. "
       "CPUs); device-h = device-hours = wall hours x devices, for 1,281,167 images per epoch. "
       "The paper's 'GPU-h/ep' is Sec. 4.2's 'GPU hours per epoch' and 'h/800 ep' is Table 1's "

@@ -256,7 +256,7 @@ def profile(steps: int = 3) -> None:
 
   torch.set_num_threads(2)
   cell = ("swin_mini", 192, 6)
-  *_, state, images, compiled, _ = bench.jax_step(*cell, num_mix=1, batch=12, dtype="float32")
+  *_, state, images, _, compiled, _ = bench.jax_step(*cell, num_mix=1, batch=12, dtype="float32")
   kinds = _xla_kinds(compiled.as_text())
   holder = {"state": state}
 
