@@ -184,12 +184,9 @@ def throughput_fields(batch: int, times: list[float], num_devices: int) -> dict:
 # ----------------------------------------------------------------------------- JAX cell
 
 
-def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
-             data: str = "device", data_dir: Optional[str] = None,
-             attention: Optional[str] = None, remat: str = "none"):
-  """The trainer's own step, compiled: its plan, state (with the fp16 loss scale) and jitted step
-  (`core`), at SimMIM's AdamW recipe. Returns (config, plan, state, a uint8 device batch, the
-  lowered and the compiled step, compile seconds)."""
+def cell_config(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
+                data: str = "device", data_dir: Optional[str] = None, remat: str = "none"):
+  """A cell's pretraining config: SimMIM's AdamW recipe at the cell's model, size and batch."""
   config = pretrain_config()
   config.img_size = img_size
   config.dtype = dtype
@@ -205,7 +202,26 @@ def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   # The schedule's length and shape: the lr's value does not change the step's cost.
   config.total_steps = 1000
   config.optim.warmup_epochs = 0.0
+  return config
 
+
+def flops_per_image(lowered, batch: int) -> Optional[float]:
+  """XLA's count of the whole step before optimisation (before SPMD partitioning, so for the
+  global batch) per image: the same on every backend and mesh. The compiled program's count is
+  not: on a GPU it misses the matmuls that became cuBLAS calls (an H200 counted 5.3 of Swin-B
+  192/6 SimMIM's 69 GFLOPs per image), and on a mesh it counts replicated work per device."""
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / batch if cost and "flops" in cost else None
+
+
+def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
+             data: str = "device", data_dir: Optional[str] = None,
+             attention: Optional[str] = None, remat: str = "none"):
+  """The trainer's own step, compiled: its plan, state (with the fp16 loss scale) and jitted step
+  (`core`), at SimMIM's AdamW recipe. Returns (config, plan, state, a uint8 device batch, the
+  lowered and the compiled step, compile seconds)."""
+  config = cell_config(backbone, img_size, window, num_mix, batch, dtype, data, data_dir, remat)
   p = plan.pretraining(config, core.make_mesh(), attention_impl=attention)
   state = jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(0))
   # uint8 pixels, as the trainer's input sends them (the step normalises them first).
@@ -226,13 +242,6 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   config, p, state, images, lowered, compiled, compile_time = jax_step(
       backbone, img_size, window, num_mix, batch, dtype, data, data_dir, attention, remat)
   mesh, data_sharding = p.mesh, p.data_sharding
-  # XLA's count of the whole step before optimisation (before SPMD partitioning, so for the
-  # global batch): the same on every backend and mesh. The compiled program's count is not:
-  # on a GPU it misses the matmuls that became cuBLAS calls (an H200 counted 5.3 of Swin-B
-  # 192/6 SimMIM's 69 GFLOPs per image), and on a mesh it counts replicated work per device.
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_per_image = float(cost["flops"]) / batch if cost and "flops" in cost else None
 
   if data == "device":
     next_images = lambda: images
@@ -261,9 +270,9 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     peak, source = core.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
   del holder, state, images
   gc.collect()
-  cell = dict(compile_time_s=compile_time, flops_per_image=flops_per_image, peak_bytes=peak,
-              peak_bytes_source=source, loss=loss, finite=math.isfinite(loss),
-              loss_scale=loss_scale, remat=remat,
+  cell = dict(compile_time_s=compile_time, flops_per_image=flops_per_image(lowered, batch),
+              peak_bytes=peak, peak_bytes_source=source, loss=loss,
+              finite=math.isfinite(loss), loss_scale=loss_scale, remat=remat,
               **throughput_fields(batch, times, mesh.size))
   if loop:
     cell["loop_images_per_sec"] = loop_images_per_sec(config, steps + warmup)
