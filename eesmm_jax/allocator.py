@@ -25,7 +25,8 @@ now share one heap with small ones, a fragmented heap can raise that peak (docs/
 
 `EESMM_ALLOCATOR=system` leaves the allocator as it comes (`auto`, the default, and `glibc`
 tune it). Where the C library is not glibc (macOS, musl) or malloc is not glibc's (an allocator
-preloaded with LD_PRELOAD), nothing is changed and `describe()` says why. `describe()` is
+preloaded with LD_PRELOAD, or linked in), nothing is changed and `describe()` says why and names
+the library whose malloc runs. `describe()` is
 recorded in every cell of the benchmark; `python -m eesmm_jax.allocator` prints it and the page
 faults of writing a 256 MiB block after an equal one was freed (0 when freed memory is kept,
 65,536 when it is mapped afresh).
@@ -72,6 +73,25 @@ def malloc_is_glibc() -> bool:
   return ours is not None and libc is not None and address(ours) == address(libc)
 
 
+class _DlInfo(ctypes.Structure):
+  _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+              ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def malloc_library() -> Optional[str]:
+  """The file of the shared object whose `malloc` this process calls (dladdr), else None. It is
+  not always a preload: an allocator linked into the interpreter or into a library it loads at
+  start-up wins the same way (an NVIDIA image's Python did, with LD_PRELOAD unset)."""
+  ours, dladdr = _symbol(None, "malloc"), _symbol(None, "dladdr")
+  if ours is None or dladdr is None:
+    return None
+  dladdr.argtypes, dladdr.restype = (ctypes.c_void_p, ctypes.POINTER(_DlInfo)), ctypes.c_int
+  info = _DlInfo()
+  if not dladdr(ctypes.cast(ours, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+    return None
+  return info.dli_fname.decode(errors="replace")
+
+
 def describe() -> str:
   """The allocator this process runs under, and why, e.g. 'glibc 2.36 (mallopt ...)'."""
   return _active if _active is not None else setup()
@@ -92,8 +112,7 @@ def setup() -> str:
   elif version is None:
     _active = f"system (the C library is not glibc: {sys.platform})"
   elif not malloc_is_glibc():
-    _active = (f"preloaded malloc (LD_PRELOAD={os.environ.get('LD_PRELOAD', '?')}; "
-               "glibc left as it is)")
+    _active = f"malloc of {malloc_library() or 'another library'} (not glibc's: left as it is)"
   else:
     mallopt = _symbol(None, "mallopt")
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

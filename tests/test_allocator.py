@@ -57,3 +57,10 @@ def test_glibc_is_auto():
 def test_unknown_choice_changes_nothing():
   active, _, _ = run_module(EESMM_ALLOCATOR="tcmalloc")
   assert active.startswith("system") and "EESMM_ALLOCATOR='tcmalloc' is not one of" in active
+
+
+@glibc_only
+def test_malloc_library_names_the_file_whose_malloc_runs():
+  # Where another allocator wins, describe() names it from here (checked by hand with
+  # LD_PRELOAD=libjemalloc.so.2: "malloc of /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ...").
+  assert os.path.basename(allocator.malloc_library()).startswith("libc.so")
