@@ -33,15 +33,17 @@ except ImportError:  # the parity tests then fail on their own import, loudly
   pass
 
 
-# The heaviest files first (seconds each on the 2-core VM, 2026-11-27): each xdist worker takes
+# The heaviest files first (seconds each on the 2-core VM, 2026-11-27, sixth session): each xdist worker takes
 # whole files in collection order, so a heavy file collected last leaves the other worker idle
 # at the end of the run. Longest first is the usual remedy; the rest keep their order.
-HEAVIEST_FIRST = ("test_scale_out.py",    # 394 s
-                  "test_reliability.py",  # 321
-                  "test_finetune.py",     # 297
-                  "test_core.py",         # 276
-                  "test_workdir.py",      # 229
-                  "test_study.py")        # 202
+HEAVIEST_FIRST = ("test_scale_out.py",    # 453 s
+                  "test_reliability.py",  # 323
+                  "test_study.py",        # 296 (262 of it its module fixture's quick run)
+                  "test_core.py",         # 293
+                  "test_finetune.py",     # 270
+                  "test_workdir.py",      # 211
+                  "test_train.py",        # 170
+                  "test_benchmark.py")    # 162
 
 
 def pytest_collection_modifyitems(items):
