@@ -33,9 +33,10 @@ except ImportError:  # the parity tests then fail on their own import, loudly
   pass
 
 
-# The heaviest files first (seconds each on the 2-core VM, 2026-11-27, sixth session): each xdist worker takes
-# whole files in collection order, so a heavy file collected last leaves the other worker idle
-# at the end of the run. Longest first is the usual remedy; the rest keep their order.
+# The heaviest files first (seconds each on the 2-core VM, 2026-11-27, sixth session): each
+# xdist worker takes whole files in collection order, so a heavy file collected last leaves the
+# other worker idle at the end of the run. Longest first is the usual remedy; the rest keep
+# their order.
 HEAVIEST_FIRST = ("test_scale_out.py",    # 453 s
                   "test_reliability.py",  # 323
                   "test_study.py",        # 296 (262 of it its module fixture's quick run)
