@@ -16,10 +16,10 @@ traced for 3 steps after 2, each executed XLA thunk and each aten op (self time)
 device: the loss alone, its gradient, the step with SGD, the step as the trainer builds it
 (AdamW, clipping, non-finite steps kept out), and that step with AdamW over one flattened vector
 (`optax.flatten`; its weight-decay mask then sees one vector, not the parameter tree, so it is
-a different optimizer: a compile-time comparison only). `memory`: a config's per-device need at its batch on `--devices` devices, from XLA's
-memory analysis of its step compiled at 6 and 12 images on one device and extrapolated linearly
-in the images (shapes only: nothing is allocated), and the fewest `micro_batches` that fit
-`--device_gb`. Numbers and their reading: docs/timing.md and the configs' docstrings.
+a different optimizer: a compile-time comparison only). `memory`: a config's per-device need at
+its batch on `--devices` devices, from XLA's memory analysis of its step compiled at 6 and 12
+images on one device and extrapolated linearly in the images (shapes only: nothing is
+allocated), and the fewest `micro_batches` that fit `--device_gb`. Numbers and their reading: docs/timing.md and the configs' docstrings.
 """
 from __future__ import annotations
 
