@@ -570,9 +570,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="'device' (one random batch kept on the device: no input pipeline) or a "
                       "dataset of input_pipeline (cifar10, imagenet2012, folder, synthetic)")
   p.add_argument("--data_dir", help="TFDS data_dir or image folder for --data")
-  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
-                 help="JAX attention: XLA, or cuDNN's fused kernel where it applies (GPU, "
-                      "Ampere+, 16-bit, even window area)")
+  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                 help="JAX attention: the model's default (auto: its own backward on a CPU, "
+                      "XLA einsums elsewhere), XLA einsums with autodiff, or cuDNN's fused "
+                      "kernel where it applies (GPU, Ampere+, 16-bit, even window area)")
   p.add_argument("--remat", default="none",
                  help="comma list of model.remat values (none, full, dots): one JAX cell each")
   p.add_argument("--loop", action="store_true",
@@ -621,7 +622,8 @@ def run(argv=None) -> list[dict]:
   for backbone in grid["backbones"]:
     batch = grid["batch"][backbone] if isinstance(grid["batch"], dict) else grid["batch"]
     for img_size, window in grid["sizes"]:
-      jobs = [("jax", f"jax-{args.attention}" + (f"-remat-{r}" if r != "none" else ""), n, r)
+      jax_impl = "jax" + (f"-{args.attention}" if args.attention != "auto" else "")
+      jobs = [("jax", jax_impl + (f"-remat-{r}" if r != "none" else ""), n, r)
               for n in grid["methods"] for r in args.remat.split(",")]
       jobs += [("torch", f"torch-{mode}", 1, "none") for mode in grid["torch"]]
       for framework, impl, n, remat in jobs:
@@ -638,7 +640,7 @@ def run(argv=None) -> list[dict]:
             if framework == "jax":
               cell.update(jax_cell(backbone, img_size, window, n, batch, grid["dtype"],
                                    grid["steps"], grid["warmup"], args.data, args.data_dir,
-                                   None if args.attention == "xla" else args.attention,
+                                   None if args.attention == "auto" else args.attention,
                                    remat, args.loop))
             else:
               cell.update(torch_cell(backbone, img_size, window, batch, grid["dtype"],

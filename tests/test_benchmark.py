@@ -56,7 +56,7 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
 
   cells = json.loads((out / "timing.json").read_text())
   assert [(c["impl"], c["num_mix"]) for c in cells] == [
-      ("jax-xla", 1), ("jax-xla", 2), ("torch-eager", 1)]
+      ("jax", 1), ("jax", 2), ("torch-eager", 1)]
   for c in cells:
     assert c["status"] == "ok", c["status"]
     assert set(REQUIRED) <= set(c), set(REQUIRED) - set(c)
@@ -84,7 +84,7 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
   assert simmim["ratio_vs_torch_eager_simmim"] > 0
 
   table = (out / "timing.md").read_text()
-  assert "| swin_micro | 64/2 | EESMM n=2 | jax-xla |" in table
+  assert "| swin_micro | 64/2 | EESMM n=2 | jax |" in table
   assert "paper GPU-h/ep" in table and "Units:" in table
   with Image.open(out / "timing.png") as png:
     assert png.size[0] > 100 and png.size[1] > 50

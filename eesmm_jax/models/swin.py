@@ -36,28 +36,41 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
 
 
-def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` of tokens [..., C] with a weight [C, out], as one 2-D matmul.
+def dense_tokens(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+  """x @ kernel + bias for tokens x [..., C] and a kernel [C, out], as one 2-D matmul.
 
-  The leading axes are merged first, so the weight's gradient is a matmul with one contracting
-  axis, which XLA folds into the dot as a transposed operand. Contracting over every leading axis
-  instead (flax's own dot on [B, H, W, C]), XLA:CPU first copies the gradient or the
-  activations into a transposed layout, fused with the window partition around it, at a few
-  hundred MB/s: a swin_mini SimMIM step at 192/6 spent 250 ms of its 1.8 s in such copies
-  (`python -m eesmm_jax.kernel_bench profile`). Same values; other dot_generals pass through.
-  """
-  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  if lhs.ndim > 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and not lhs_batch:
-    out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs,
-                              (((1,), tuple(rhs_contract)), ((), ())), precision=precision,
-                              preferred_element_type=preferred_element_type)
-    return out.reshape(lhs.shape[:-1] + out.shape[1:])
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type)
+  The leading axes are merged first, so that on XLA:CPU the backward pass is cheap: the
+  kernel's gradient is a matmul with one contracting axis, which XLA folds into the dot as a
+  transposed operand, and the bias's gradient is a sum over one axis. Contracting over every
+  leading axis instead (flax's own dot on [B, H, W, C]), XLA:CPU first copies the gradient or the
+  activations into a transposed layout at a few hundred MB/s (a swin_mini SimMIM step at 192/6
+  spent 250 ms of its 1.8 s in such copies, `python -m eesmm_jax.kernel_bench profile`), and it
+  sums a bias gradient over [windows, 49 tokens] through a padded reduce-window: 43 ms for the
+  stage-1 qkv bias at 224/7 against about 5 over the merged axis."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+  if bias is not None:
+    y = y + bias
+  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
-# Every Linear of the models: flax's Dense (its parameters, init and dtypes), tokens flattened.
-Dense = functools.partial(nn.Dense, dot_general=token_dot_general)
+class Dense(nn.Module):
+  """Every Linear of the models: flax's `nn.Dense` (its parameter names, shapes, init and dtype
+  rules), computed by `dense_tokens`."""
+  features: int
+  use_bias: bool = True
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return dense_tokens(x, kernel, bias)
 
 # Rematerialisation of the blocks in the backward pass (`SwinTransformer.remat`): the
 # jax.checkpoint policy of the scan over each stage's blocks (`BasicLayer._scan_blocks`).
@@ -74,6 +87,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+
+# WindowAttention's forms (its field `attention_impl`).
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 # ----------------------------------------------------------------------------------------------
 # Pure helpers (static shapes, computed in numpy at trace time).
@@ -153,6 +169,66 @@ def drop_path(x: jax.Array, rate, deterministic: bool, rng: Optional[jax.Array])
   return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [..., M, K] @ b [..., K, N]: a batched dot in the one form XLA:CPU runs at full speed."""
+  return jnp.einsum("...mk,...kn->...mn", a, b)
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+  """x with its last two axes swapped in memory. The barrier keeps XLA from folding the
+  transpose back into the dot that reads it as a transposed operand, the slow form."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def window_attention_cpu(qkv: jax.Array, bias: jax.Array, scale: float) -> jax.Array:
+  """softmax(scale q k^T + bias) v in every window and head, for XLA:CPU.
+
+  qkv: the qkv projection [B_, N, 3, heads, d], B_ = images x nW with windows batch-major; bias:
+  float32 [nW, heads, N, N] (nW = 1: one bias for every window). Returns [B_, N, heads x d]; the
+  logits and softmax are float32. Autodiff of the einsums in `WindowAttention` gives the same
+  gradients (tests/test_swin.py), but through batched dots with a transposed operand or output,
+  which XLA:CPU runs 1.5-2x slower than [batch, M, K] @ [batch, K, N] at these shapes (36 or 49
+  tokens, d = 32). This backward writes every product in that form, with the transposes as
+  copies, returns the gradient of qkv as one array (the three slices' gradients padded and
+  added, as autodiff of a slice gives them, cost more than the saving), and sums the bias
+  gradient over the images as a matmul (XLA:CPU's reduction over a short leading axis took 10 ms
+  for [12, 38416], 0.1 ms as a dot)."""
+  return _window_attention_fwd(qkv, bias, scale)[0]
+
+
+def _window_attention_fwd(qkv, bias, scale):
+  b, n, _, h, d = qkv.shape
+  q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B_, heads, N, d]
+  q = q * jnp.asarray(scale, q.dtype)
+  logits = _matmul(q, _transposed(k)).astype(jnp.float32)
+  probs = jax.nn.softmax(logits.reshape(b // bias.shape[0], *bias.shape) + bias, axis=-1)
+  probs = probs.reshape(b, h, n, n)
+  out = _matmul(probs.astype(q.dtype), v).transpose(0, 2, 1, 3).reshape(b, n, h * d)
+  return out, (q, k, v, probs, bias)
+
+
+def _window_attention_bwd(scale, residuals, d_out):
+  q, k, v, probs, bias = residuals
+  b, h, n, d = q.shape
+  d_out = d_out.reshape(b, n, h, d).transpose(0, 2, 1, 3)
+  d_probs = _matmul(d_out, _transposed(v)).astype(jnp.float32)
+  d_v = _matmul(_transposed(probs.astype(q.dtype)), d_out)
+  # softmax's backward: p * (g - sum(g * p)) along the row.
+  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  per_image = d_logits.reshape(-1, bias.size)
+  d_bias = jnp.dot(jnp.ones(per_image.shape[0], per_image.dtype), per_image,
+                   precision=jax.lax.Precision.HIGHEST).reshape(bias.shape)
+  d_logits = d_logits.astype(q.dtype)
+  d_q = _matmul(d_logits, k) * jnp.asarray(scale, q.dtype)
+  d_k = _matmul(_transposed(d_logits), q)
+  d_qkv = jnp.stack([d_q, d_k, d_v], axis=0).transpose(1, 3, 0, 2, 4)  # [B_, N, 3, heads, d]
+  return d_qkv, d_bias
+
+
+window_attention_cpu.defvjp(_window_attention_fwd, _window_attention_bwd)
+
+
 def _split(rng: Optional[jax.Array], n: int) -> list:
   """n keys from `rng`, or n Nones (then each Dropout asks flax for its own 'dropout' rng)."""
   return [None] * n if rng is None else list(jax.random.split(rng, n))
@@ -185,8 +261,7 @@ class PatchConv(nn.Module):
     patches = x[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (patches, kernel, bias))
     # Patch pixels in the kernel's (row, column, channel) order, one matmul over all tokens.
-    return token_dot_general(x.reshape(b, h, w, p * p * c), kernel.reshape(-1, self.features),
-                             (((3,), (0,)), ((), ()))) + bias
+    return dense_tokens(x.reshape(b, h, w, p * p * c), kernel.reshape(-1, self.features), bias)
 
 
 class PatchEmbed(nn.Module):
@@ -239,8 +314,9 @@ class WindowAttention(nn.Module):
   proj_drop: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  # None: attention as XLA einsums (any dtype, attention dropout); 'cudnn': cuDNN's fused kernel
-  # through jax.nn.dot_product_attention where it applies (GPU, 16-bit, even window area).
+  # None: `window_attention_cpu` on a CPU (without attention dropout), else as 'xla'; 'xla': XLA
+  # einsums, autodiff (any dtype, attention dropout); 'cudnn': cuDNN's fused kernel through
+  # jax.nn.dot_product_attention where it applies (GPU, 16-bit, even window area).
   attention_impl: Optional[str] = None
 
   @nn.compact
@@ -254,7 +330,7 @@ class WindowAttention(nn.Module):
                        ((2 * ws - 1) * (2 * ws - 1), self.num_heads), self.param_dtype)
     qkv = Dense(3 * c, use_bias=self.qkv_bias, name="qkv", dtype=self.dtype,
                 param_dtype=self.param_dtype, kernel_init=trunc_normal)(x)
-    # [B_, N, heads, head_dim]: both attention paths read q, k, v without a transpose.
+    # [B_, N, heads, head_dim]: the einsum and cuDNN paths read q, k, v without a transpose.
     qkv = qkv.reshape(b_, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     scale = head_dim ** -0.5
@@ -268,7 +344,9 @@ class WindowAttention(nn.Module):
     nw = bias.shape[0]
 
     dropout = self.attn_drop > 0 and not deterministic
-    if self.attention_impl == "cudnn" and n % 2 == 0 and self.dtype != jnp.float32 \
+    if self.attention_impl is None and jax.default_backend() == "cpu" and not dropout:
+      x = window_attention_cpu(qkv, bias, scale)
+    elif self.attention_impl == "cudnn" and n % 2 == 0 and self.dtype != jnp.float32 \
         and not dropout:
       # cuDNN's fused kernel (Ampere+) takes a bias only for even N and 16-bit inputs
       # (windows 6 and 12, not 7); it accumulates in float32 internally.
@@ -549,6 +627,9 @@ class SwinTransformer(nn.Module):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is unknown (config.model.remat in a run config); "
                        f"choose one of {list(REMAT_POLICIES)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is unknown; choose one of "
+                       f"{list(ATTENTION_IMPLS)}")
     super().__post_init__()
 
   @nn.compact
