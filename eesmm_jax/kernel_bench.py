@@ -94,7 +94,7 @@ def _linears():
     return jnp.dot(x, w) + b
 
   def flat(x, w, b):  # swin.Dense: tokens merged into one axis first
-    return swin.dense_tokens(x, w, b)
+    return swin.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))) + b
 
   return {"x @ W + b": dense, "tokens flat (ours)": flat}
 

@@ -36,41 +36,28 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
 
 
-def dense_tokens(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-  """x @ kernel + bias for tokens x [..., C] and a kernel [C, out], as one 2-D matmul.
+def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` of tokens [..., C] with a weight [C, out], as one 2-D matmul.
 
-  The leading axes are merged first, so that on XLA:CPU the backward pass is cheap: the
-  kernel's gradient is a matmul with one contracting axis, which XLA folds into the dot as a
-  transposed operand, and the bias's gradient is a sum over one axis. Contracting over every
-  leading axis instead (flax's own dot on [B, H, W, C]), XLA:CPU first copies the gradient or the
-  activations into a transposed layout at a few hundred MB/s (a swin_mini SimMIM step at 192/6
-  spent 250 ms of its 1.8 s in such copies, `python -m eesmm_jax.kernel_bench profile`), and it
-  sums a bias gradient over [windows, 49 tokens] through a padded reduce-window: 43 ms for the
-  stage-1 qkv bias at 224/7 against about 5 over the merged axis."""
-  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
-  if bias is not None:
-    y = y + bias
-  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+  The leading axes are merged first, so the weight's gradient is a matmul with one contracting
+  axis, which XLA folds into the dot as a transposed operand. Contracting over every leading axis
+  instead (flax's own dot on [B, H, W, C]), XLA:CPU first copies the gradient or the
+  activations into a transposed layout, fused with the window partition around it, at a few
+  hundred MB/s: a swin_mini SimMIM step at 192/6 spent 250 ms of its 1.8 s in such copies
+  (`python -m eesmm_jax.kernel_bench profile`). Same values; other dot_generals pass through.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  if lhs.ndim > 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and not lhs_batch:
+    out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs,
+                              (((1,), tuple(rhs_contract)), ((), ())), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(lhs.shape[:-1] + out.shape[1:])
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
-class Dense(nn.Module):
-  """Every Linear of the models: flax's `nn.Dense` (its parameter names, shapes, init and dtype
-  rules), computed by `dense_tokens`."""
-  features: int
-  use_bias: bool = True
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return dense_tokens(x, kernel, bias)
+# Every Linear of the models: flax's Dense (its parameters, init and dtypes), tokens flattened.
+Dense = functools.partial(nn.Dense, dot_general=token_dot_general)
 
 # Rematerialisation of the blocks in the backward pass (`SwinTransformer.remat`): the
 # jax.checkpoint policy of the scan over each stage's blocks (`BasicLayer._scan_blocks`).
@@ -192,7 +179,7 @@ def window_attention_cpu(qkv: jax.Array, bias: jax.Array, scale: float) -> jax.A
   tokens, d = 32). This backward writes every product in that form, with the transposes as
   copies, returns the gradient of qkv as one array (the three slices' gradients padded and
   added, as autodiff of a slice gives them, cost more than the saving), and sums the bias
-  gradient over the images as a matmul (XLA:CPU's reduction over a short leading axis took 10 ms
+  gradient over the images as a matmul (XLA:CPU's reduction over a short leading axis took 7 ms
   for [12, 38416], 0.1 ms as a dot)."""
   return _window_attention_fwd(qkv, bias, scale)[0]
 
@@ -261,7 +248,8 @@ class PatchConv(nn.Module):
     patches = x[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
     x, kernel, bias = (jnp.asarray(a, self.dtype) for a in (patches, kernel, bias))
     # Patch pixels in the kernel's (row, column, channel) order, one matmul over all tokens.
-    return dense_tokens(x.reshape(b, h, w, p * p * c), kernel.reshape(-1, self.features), bias)
+    return token_dot_general(x.reshape(b, h, w, p * p * c), kernel.reshape(-1, self.features),
+                             (((3,), (0,)), ((), ()))) + bias
 
 
 class PatchEmbed(nn.Module):
