@@ -8,11 +8,11 @@
 `kernels`: forward and forward + backward medians (20 calls after one) at cpu-small's SimMIM 192/6
 shapes (swin_mini: stage-1 tokens [12, 48, 48, 64] through fc1's 64 -> 256 and LayerNorm; the
 head's input [12, 6, 6, 512] to 3 * 32 * 32 channels; the patch embedding of [12, 192, 192, 3]
-to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads), each JAX
-form's largest difference from the first, and PyTorch's own modules on the same arrays (2
-threads). `profile`: the cpu-small SimMIM 192/6 step (the benchmark's own, both frameworks)
-traced for 3 steps after 2, each executed XLA thunk and each aten op (self time) put in one of
-`KINDS`. `compile`: XLA's compile time of the swin_micro SimMIM step at 64/2, batch 4, on one
+to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads, and of 49 tokens
+as at 224/7), each JAX form's largest difference from the first, and PyTorch's own modules on the
+same arrays (2 threads). `profile`: the cpu-small SimMIM 192/6 step (the benchmark's own, both
+frameworks) traced for 3 steps after 2, each executed XLA thunk and each aten op (self time) put
+in one of `KINDS`. `compile`: XLA's compile time of the swin_micro SimMIM step at 64/2, batch 4, on one
 device: the loss alone, its gradient, the step with SGD, the step as the trainer builds it
 (AdamW, clipping, non-finite steps kept out), and that step with AdamW over one flattened vector
 (`optax.flatten`; its weight-decay mask then sees one vector, not the parameter tree, so it is
@@ -100,8 +100,9 @@ def _linears():
 
 
 def _attentions():
-  """Window attention at stage 1 of the step (768 windows of 36 tokens, 2 heads of 32), from
-  the qkv projection's output [windows, N, 3, heads, head_dim] and the bias [nW, heads, N, N]."""
+  """Window attention at stage 1 of the step (768 windows of 36 or 49 tokens, 2 heads of 32),
+  from the qkv projection's output [windows, N, 3, heads, head_dim] and the bias [nW, heads, N,
+  N]: the einsum layouts (autodiff), and `swin.window_attention_cpu` (its own backward)."""
   def core(q, k, v, bias, spec, out_spec):  # spec: the layout of q, k and v
     (nw, h, n, _), b, kv_spec = bias.shape, q.shape[0], spec.replace("n", "m")
     attn = jnp.einsum(f"{spec},{kv_spec}->bhnm", q * q.shape[-1] ** -0.5, k)
@@ -122,8 +123,11 @@ def _attentions():
     x = core(q, k, v, bias, "bhnd", "bhnd").transpose(0, 2, 1, 3)
     return x.reshape(x.shape[0], x.shape[1], -1)
 
-  return {"heads minor (ours)": heads_minor, "q, k, v transposed": heads_major,
-          "one qkv transpose": one_transpose}
+  def own_backward(qkv, bias):  # models.swin's default on a CPU
+    return swin.window_attention_cpu(qkv, bias, qkv.shape[-1] ** -0.5)
+
+  return {"heads minor (einsums)": heads_minor, "q, k, v transposed": heads_major,
+          "one qkv transpose": one_transpose, "own backward (ours)": own_backward}
 
 
 def _torch_attention(qkv, bias):
@@ -147,12 +151,15 @@ def kernels() -> None:
   k = (rng.standard_normal((1, 1, 512, 3072)) * 0.02).astype(np.float32)
   qkv = rng.standard_normal((768, 36, 3, 2, 32), np.float32)
   bias = rng.standard_normal((64, 2, 36, 36), np.float32)
+  qkv49 = rng.standard_normal((768, 49, 3, 2, 32), np.float32)  # 224/7's windows
+  bias49 = rng.standard_normal((64, 2, 49, 49), np.float32)
   w = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
   cases = [("Linear", _linears(), (x, w, np.zeros(256, np.float32))),
            ("LayerNorm", _layer_norms(), (x, np.ones(64, np.float32), np.zeros(64, np.float32))),
            ("head", _heads(), (z, k, np.zeros(3072, np.float32))),
            ("patches", _patch_embeds(), (images, patch_kernel)),
-           ("attention", _attentions(), (qkv, bias))]
+           ("attention", _attentions(), (qkv, bias)),
+           ("attn 49", _attentions(), (qkv49, bias49))]
   for title, forms, args in cases:
     args = [jnp.asarray(a) for a in args]
     first = None
@@ -175,10 +182,11 @@ def kernels() -> None:
   head = torch.nn.Sequential(torch.nn.Conv2d(512, 3072, 1), torch.nn.PixelShuffle(32))
   qkv_t = torch.tensor(qkv, requires_grad=True)
   bias_t = torch.tensor(bias, requires_grad=True)
-  attention = lambda t: _torch_attention(t, bias_t)
+  qkv49_t, bias49_t = (torch.tensor(a, requires_grad=True) for a in (qkv49, bias49))
   for title, module, t in (("Linear", linear, xt), ("LayerNorm", ln, xt), ("head", head, zt),
                            ("patches", patch_embed, images_t),
-                           ("attention", attention, qkv_t)):
+                           ("attention", lambda t: _torch_attention(t, bias_t), qkv_t),
+                           ("attn 49", lambda t: _torch_attention(t, bias49_t), qkv49_t)):
     print(f"{title:9s} {'torch':20s} forward {_median_ms(lambda: module(t)):7.2f} ms  "
           f"forward+backward {_median_ms(lambda: (module(t) ** 2).sum().backward()):7.2f} ms")
 

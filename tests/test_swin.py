@@ -104,7 +104,8 @@ def test_cpu_window_attention_equals_the_einsums_with_their_gradients(dtype, tol
   path ('xla'), on one shifted Swin block (windows, heads, the -100 mask): same outputs and
   gradients for the input and every parameter, the relative position bias table included."""
   block = dict(dim=32, num_heads=2, window_size=4, shift_size=2, dtype=dtype)
-  ours, einsums = (swin.SwinTransformerBlock(**block, attention_impl=impl) for impl in (None, "xla"))
+  ours, einsums = (swin.SwinTransformerBlock(**block, attention_impl=impl)
+                   for impl in (None, "xla"))
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 32), jnp.float32)
   params = einsums.init(jax.random.key(1), x)
   # A random table: the initial one is near zero, which would hide a bias gradient summed wrongly.
@@ -120,5 +121,6 @@ def test_cpu_window_attention_equals_the_einsums_with_their_gradients(dtype, tol
   for (path, g), ref in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
     scale = float(jnp.abs(ref).max())
     assert scale > 0, jax.tree_util.keystr(path)
-    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(ref, np.float32) / scale,
-                               atol=tol, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale,
+                               np.asarray(ref, np.float32) / scale, atol=tol,
+                               err_msg=jax.tree_util.keystr(path))
