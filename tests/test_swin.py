@@ -108,7 +108,7 @@ def test_cpu_window_attention_equals_the_einsums_with_their_gradients(dtype, tol
                    for impl in (None, "xla"))
   x = jax.random.normal(jax.random.key(0), (3, 8, 8, 32), jnp.float32)
   params = einsums.init(jax.random.key(1), x)
-  # A random table: the initial one is near zero, which would hide a bias gradient summed wrongly.
+  # A random bias table (the initial one is near zero), so that the softmax is far from uniform.
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: jax.random.normal(jax.random.key(2), p.shape)
       if "relative_position_bias_table" in jax.tree_util.keystr(path) else p, params)

@@ -157,7 +157,7 @@ def drop_path(x: jax.Array, rate, deterministic: bool, rng: Optional[jax.Array])
 
 
 def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a [..., M, K] @ b [..., K, N]: a batched dot in the one form XLA:CPU runs at full speed."""
+  """a [..., M, K] @ b [..., K, N]: the batched dot's form that XLA:CPU runs fastest."""
   return jnp.einsum("...mk,...kn->...mn", a, b)
 
 
