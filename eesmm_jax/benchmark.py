@@ -619,10 +619,10 @@ def run(argv=None) -> list[dict]:
   start = time.perf_counter()
   cells: list[dict] = []
   last_cost = 0.0
+  jax_impl = "jax" + (f"-{args.attention}" if args.attention != "auto" else "")
   for backbone in grid["backbones"]:
     batch = grid["batch"][backbone] if isinstance(grid["batch"], dict) else grid["batch"]
     for img_size, window in grid["sizes"]:
-      jax_impl = "jax" + (f"-{args.attention}" if args.attention != "auto" else "")
       jobs = [("jax", jax_impl + (f"-remat-{r}" if r != "none" else ""), n, r)
               for n in grid["methods"] for r in args.remat.split(",")]
       jobs += [("torch", f"torch-{mode}", 1, "none") for mode in grid["torch"]]
