@@ -33,8 +33,6 @@ LN_EPS = 1e-5
 # effectively a plain normal. We use flax's truncated normal at +-2 sigma, the usual JAX choice.
 trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
-LayerNorm = functools.partial(nn.LayerNorm, epsilon=LN_EPS)
-
 
 def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """`lax.dot_general` of tokens [..., C] with a weight [C, out], as one 2-D matmul.
@@ -56,8 +54,106 @@ def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
                              preferred_element_type=preferred_element_type)
 
 
-# Every Linear of the models: flax's Dense (its parameters, init and dtypes), tokens flattened.
-Dense = functools.partial(nn.Dense, dot_general=token_dot_general)
+def sum_over_tokens(y: jax.Array) -> jax.Array:
+  """y [..., C] summed over every axis but the last, in float32, as ones @ y.
+
+  The gradient of a bias or a LayerNorm scale. XLA:CPU's reduction of [tokens, C] over the
+  tokens is slow: a swin_mini SimMIM step at 224/7 spent 32 ms in each stage-1 qkv bias
+  gradient ([37632, 192], which it reduces in a tree of windows) and about 160 ms in all such
+  sums; as a matmul each takes a millisecond or two (`python -m eesmm_jax.kernel_bench
+  profile`)."""
+  y = y.reshape(-1, y.shape[-1]).astype(jnp.float32)
+  return jnp.dot(jnp.ones(y.shape[0], jnp.float32), y, precision=jax.lax.Precision.HIGHEST)
+
+
+def mean_over_channels(x: jax.Array) -> jax.Array:
+  """x [..., C] -> its mean over C, [..., 1], as x @ (1/C): XLA:CPU's reduction over a short
+  last axis runs at a fraction of the matmul's bandwidth."""
+  c = x.shape[-1]
+  mean = jnp.dot(x.reshape(-1, c), jnp.full((c, 1), 1.0 / c, x.dtype),
+                 precision=jax.lax.Precision.HIGHEST)
+  return mean.reshape(x.shape[:-1] + (1,))
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias (one dtype), whose bias gradient is `sum_over_tokens` (a matmul)."""
+  return y + bias
+
+
+add_bias.defvjp(lambda y, bias: (y + bias, None),
+                lambda _, g: (g, sum_over_tokens(g).astype(g.dtype)))
+
+
+class Dense(nn.Dense):
+  """flax's nn.Dense (its parameters, init and dtypes) for every Linear of the models, with the
+  tokens merged into one matmul axis (`token_dot_general`) and, on a CPU, the bias gradient as a
+  matmul (`add_bias`). Other backends take nn.Dense's own bias add."""
+  dot_general: Any = token_dot_general
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if not self.use_bias or jax.default_backend() != "cpu":
+      return super().__call__(inputs)
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = token_dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                          precision=self.precision)
+    return add_bias(y, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, float32 in and out, for
+  XLA:CPU.
+
+  Every sum is a matmul: the per-token means as x @ (1/C) (`mean_over_channels`), the scale and
+  bias gradients as ones @ y (`sum_over_tokens`). Autodiff of flax's LayerNorm fuses its sums
+  into reductions that XLA:CPU runs 2-3x slower than PyTorch's LayerNorm (forward + backward of
+  [12, 56, 56, 64]: 11.3 ms, this form 8.8, PyTorch 4.5; scratch timing, issue 13). The variance
+  is the centred one, as the reference computes it (flax's default is E[x^2] - E[x]^2)."""
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  centred = x - mean_over_channels(x)
+  rstd = jax.lax.rsqrt(mean_over_channels(centred * centred) + eps)
+  normed = centred * rstd
+  return normed * scale + bias, (normed, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  normed, rstd, scale = residuals
+  gs = g * scale
+  # The gradient of (x - mean) * rstd applied to gs: rstd (gs - mean(gs) - normed mean(gs normed)).
+  dx = rstd * (gs - mean_over_channels(gs) - normed * mean_over_channels(gs * normed))
+  return dx, sum_over_tokens(g * normed), sum_over_tokens(g)
+
+
+layer_norm_cpu.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """PyTorch's LayerNorm (eps 1e-5) with flax's parameters (scale, bias) and dtypes: on a CPU
+  `layer_norm_cpu` (statistics in float32, as flax's), elsewhere flax's nn.LayerNorm."""
+  epsilon: float = LN_EPS
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    if jax.default_backend() != "cpu":
+      return nn.LayerNorm(self.epsilon, self.dtype, self.param_dtype).apply(
+          {"params": {"scale": scale, "bias": bias}}, x)
+    dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return layer_norm_cpu(f32(x), f32(scale), f32(bias), self.epsilon).astype(dtype)
+
 
 # Rematerialisation of the blocks in the backward pass (`SwinTransformer.remat`): the
 # jax.checkpoint policy of the scan over each stage's blocks (`BasicLayer._scan_blocks`).
