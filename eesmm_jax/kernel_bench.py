@@ -1,7 +1,7 @@
 """Where the step's kernels, compile time and memory go (issue 13), beside PyTorch.
 
   python -m eesmm_jax.kernel_bench kernels   # Linear, LayerNorm, head, patches, attention
-  python -m eesmm_jax.kernel_bench profile   # the step's time by kind of op, JAX vs torch
+  python -m eesmm_jax.kernel_bench profile [--size 224/7]   # the step's time by kind of op
   python -m eesmm_jax.kernel_bench compile   # the train step's compile time, by part
   python -m eesmm_jax.kernel_bench memory eesmm_swin_base_192 simmim_swin_base:224 ...
 
@@ -10,9 +10,9 @@ shapes (swin_mini: stage-1 tokens [12, 48, 48, 64] through fc1's 64 -> 256 and L
 head's input [12, 6, 6, 512] to 3 * 32 * 32 channels; the patch embedding of [12, 192, 192, 3]
 to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads, and of 49 tokens
 as at 224/7), each JAX form's largest difference from the first, and PyTorch's own modules on the
-same arrays (2 threads). `profile`: the cpu-small SimMIM 192/6 step (the benchmark's own, both
-frameworks) traced for 3 steps after 2, each executed XLA thunk and each aten op (self time) put
-in one of `KINDS`. `compile`: XLA's compile time of the swin_micro SimMIM step at 64/2, batch 4,
+same arrays (2 threads). `profile`: the cpu-small SimMIM step at `--size` (default 192/6; the
+benchmark's own, both frameworks) traced for 3 steps after 2, each executed XLA thunk and each
+aten op (self time) put in one of `KINDS`. `compile`: XLA's compile time of the swin_micro SimMIM step at 64/2, batch 4,
 on one device: the loss alone, its gradient, the step with SGD, the step as the trainer builds it
 (AdamW, clipping, non-finite steps kept out), and that step with AdamW over one flattened vector
 (`optax.flatten`; its weight-decay mask then sees one vector, not the parameter tree, so it is
@@ -53,13 +53,11 @@ def _layer_norms():
     xc = x - x.mean(-1, keepdims=True)
     return xc * jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + 1e-5) * s + b
 
-  def matmul_means(x, s, b):  # the channel means as matmuls with a 1/C column
-    col = jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
-    xc = x - jnp.dot(x, col, precision="highest")
-    var = jnp.dot(xc * xc, col, precision="highest")
-    return xc * jax.lax.rsqrt(var + 1e-5) * s + b
+  def own_backward(x, s, b):  # swin.LayerNorm on a CPU: every sum a matmul
+    return swin.layer_norm_cpu(x, s, b, 1e-5)
 
-  return {"flax nn.LayerNorm": flax_ln, "two-pass jnp": two_pass, "matmul means": matmul_means}
+  return {"flax nn.LayerNorm": flax_ln, "two-pass jnp": two_pass,
+          "own backward (ours)": own_backward}
 
 
 def _heads():
@@ -94,10 +92,13 @@ def _linears():
   def dense(x, w, b):  # flax nn.Dense's own dot, contracting every leading axis in backward
     return jnp.dot(x, w) + b
 
-  def flat(x, w, b):  # swin.Dense: tokens merged into one axis first
+  def flat(x, w, b):  # tokens merged into one axis first
     return swin.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))) + b
 
-  return {"x @ W + b": dense, "tokens flat (ours)": flat}
+  def bias_matmul(x, w, b):  # swin.Dense on a CPU: also the bias gradient as ones @ g
+    return swin.add_bias(swin.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))), b)
+
+  return {"x @ W + b": dense, "tokens flat": flat, "bias grad matmul (ours)": bias_matmul}
 
 
 def _attentions():
@@ -251,9 +252,9 @@ def _torch_kind(op: str) -> str:
   return "elementwise"
 
 
-def profile(steps: int = 3) -> None:
-  """Per-kind time of one cpu-small SimMIM 192/6 step: XLA's thunks (jax.profiler) against
-  PyTorch eager's aten ops (torch.profiler, self time), both after warm-up."""
+def profile(steps: int = 3, cell: tuple = ("swin_mini", 192, 6)) -> None:
+  """Per-kind time of one cpu-small SimMIM step (`cell`: backbone, img, window): XLA's thunks
+  (jax.profiler) against PyTorch eager's aten ops (torch.profiler, self time), after warm-up."""
   import collections
   import glob
   import gzip
@@ -264,7 +265,6 @@ def profile(steps: int = 3) -> None:
   from eesmm_jax import benchmark as bench
 
   torch.set_num_threads(2)
-  cell = ("swin_mini", 192, 6)
   *_, state, images, _, compiled, _ = bench.jax_step(*cell, num_mix=1, batch=12, dtype="float32")
   kinds = _xla_kinds(compiled.as_text())
   holder = {"state": state}
@@ -398,12 +398,14 @@ def main(argv=None) -> None:
   parser.add_argument("configs", nargs="*", help="memory: config modules, name[:arg]")
   parser.add_argument("--devices", type=int, default=4, help="memory: devices the batch spans")
   parser.add_argument("--device_gb", type=float, default=32.0, help="memory: device memory")
+  parser.add_argument("--size", default="192/6", help="profile: the cpu-small cell, img/window")
   args = parser.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)  # compile times are the point
   if args.what == "kernels":
     kernels()
   elif args.what == "profile":
-    profile()
+    img, window = (int(v) for v in args.size.split("/"))
+    profile(cell=("swin_mini", img, window))
   elif args.what == "compile":
     compile_times()
   else:
