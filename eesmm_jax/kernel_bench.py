@@ -12,14 +12,15 @@ to 64 channels; stage-1 window attention, 768 windows of 36 tokens and 2 heads, 
 as at 224/7), each JAX form's largest difference from the first, and PyTorch's own modules on the
 same arrays (2 threads). `profile`: the cpu-small SimMIM step at `--size` (default 192/6; the
 benchmark's own, both frameworks) traced for 3 steps after 2, each executed XLA thunk and each
-aten op (self time) put in one of `KINDS`. `compile`: XLA's compile time of the swin_micro SimMIM step at 64/2, batch 4,
-on one device: the loss alone, its gradient, the step with SGD, the step as the trainer builds it
-(AdamW, clipping, non-finite steps kept out), and that step with AdamW over one flattened vector
-(`optax.flatten`; its weight-decay mask then sees one vector, not the parameter tree, so it is
-a different optimizer: a compile-time comparison only). `memory`: a config's per-device need at
-its batch on `--devices` devices, from XLA's memory analysis of its step compiled at 6 and 12
-images on one device and extrapolated linearly in the images (shapes only: nothing is
-allocated), and the fewest `micro_batches` that fit `--device_gb`. Numbers and their reading:
+aten op (self time) put in one of `KINDS`. `compile`: XLA's compile time of the swin_micro
+SimMIM step at 64/2, batch 4, on one device: the loss alone, its gradient, the step with SGD, the
+step as the trainer builds it (AdamW, clipping, non-finite steps kept out), and that step with
+AdamW over one flattened vector (`optax.flatten`; its weight-decay mask then sees one vector, not
+the parameter tree, so it is a different optimizer: a compile-time comparison only).
+`memory`: a config's per-device need at its batch on `--devices` devices, from XLA's memory
+analysis of its step compiled at 6 and 12 images on one device and extrapolated linearly in the
+images (shapes only: nothing is allocated), and the fewest `micro_batches` that fit
+`--device_gb`. Numbers and their reading:
 docs/timing.md and the configs' docstrings.
 """
 from __future__ import annotations
