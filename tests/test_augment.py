@@ -90,7 +90,7 @@ def test_soft_cross_entropy_equals_smoothed_ce():
   labels = jnp.array([0, 1, 2, 3, 6])
   t = augment.smooth_one_hot(labels, K, 0.1)
   ref = torch.nn.functional.cross_entropy(torch.tensor(np.array(logits)),
-                                          torch.as_tensor(np.asarray(labels, np.int64)),
+                                          torch.tensor(np.asarray(labels, np.int64)),
                                           label_smoothing=0.1, reduction="none").numpy()
   np.testing.assert_allclose(augment.soft_cross_entropy(logits, t), ref, atol=1e-5)
 

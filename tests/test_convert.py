@@ -62,7 +62,7 @@ def test_timm_layout_loads_strict_and_gives_the_same_logits():
   params = random_params(model)
   ref = tiny_timm()
   state = convert.flax_to_torch(params, model, layout="timm")
-  ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
+  ref.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in state.items()},
                       strict=True)
   x = torch_ref.images(2, 64)
   with torch.no_grad():
@@ -79,7 +79,7 @@ def test_official_layout_matches_what_timm_knows_of_it():
   official = convert.flax_to_torch(params, model, layout="official")
   assert "layers.0.downsample.reduction.weight" in official and "head.weight" in official
   ref = tiny_timm()
-  tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official.items()}
+  tensors = {k: torch.tensor(np.asarray(v)) for k, v in official.items()}
   ref.load_state_dict(checkpoint_filter_fn(tensors, ref), strict=True)
   x = torch_ref.images(2, 64)
   with torch.no_grad():
