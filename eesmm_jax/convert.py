@@ -343,7 +343,7 @@ def main(argv=None) -> None:
   else:
     params, model = load_flax(args.src)
     state = flax_to_torch(params, model, layout=args.layout)
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, args.dst)
+    torch.save({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, args.dst)
     print(f"wrote {args.dst} ({args.layout} layout, {len(state)} tensors)")
 
 

@@ -171,7 +171,7 @@ def test_window_and_size_change_resizes_bias_tables(folder, tmp_path):
     mngr.save(7, args=ocp.args.StandardSave(
         {"params": {"encoder": encoder, "decoder": decoder}, "step": np.int32(7)}))
     mngr.wait_until_finished()
-  state = {f"encoder.{k}": torch.from_numpy(np.ascontiguousarray(v))
+  state = {f"encoder.{k}": torch.tensor(np.asarray(v))
            for k, v in convert.flax_to_torch(encoder, enc, layout="official").items()}
   state["decoder.0.weight"] = torch.ones(48, 64, 1, 1)
   pth = str(tmp_path / "simmim.pth")
