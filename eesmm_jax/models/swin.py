@@ -88,8 +88,8 @@ add_bias.defvjp(lambda y, bias: (y + bias, None),
 
 class Dense(nn.Dense):
   """flax's nn.Dense (its parameters, init and dtypes) for every Linear of the models, with the
-  tokens merged into one matmul axis (`token_dot_general`) and, on a CPU, the bias gradient as a
-  matmul (`add_bias`). Other backends take nn.Dense's own bias add."""
+  tokens merged into one matmul axis (`token_dot_general`, the default `dot_general`) and, on a
+  CPU, the bias gradient as a matmul (`add_bias`). Other backends take nn.Dense's own bias add."""
   dot_general: Any = token_dot_general
 
   @nn.compact
@@ -100,8 +100,8 @@ class Dense(nn.Dense):
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = token_dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                          precision=self.precision)
+    y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                         precision=self.precision)
     return add_bias(y, bias)
 
 
@@ -301,9 +301,7 @@ def _window_attention_bwd(scale, residuals, d_out):
   d_v = _matmul(_transposed(probs.astype(q.dtype)), d_out)
   # softmax's backward: p * (g - sum(g * p)) along the row.
   d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
-  per_image = d_logits.reshape(-1, bias.size)
-  d_bias = jnp.dot(jnp.ones(per_image.shape[0], per_image.dtype), per_image,
-                   precision=jax.lax.Precision.HIGHEST).reshape(bias.shape)
+  d_bias = sum_over_tokens(d_logits.reshape(-1, bias.size)).reshape(bias.shape)  # over images
   d_logits = d_logits.astype(q.dtype)
   d_q = _matmul(d_logits, k) * jnp.asarray(scale, q.dtype)
   d_k = _matmul(_transposed(d_logits), q)
