@@ -584,6 +584,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+  """'224/7' -> (224, 7): an image size and a window, for --sizes and kernel_bench --size."""
+  img, _, window = text.strip().partition("/")
+  if not (img.isdigit() and window.isdigit() and int(img) > 0 and int(window) > 0):
+    raise SystemExit(f"size {text!r} is not img/window with two positive integers, e.g. 224/7")
+  return int(img), int(window)
+
+
 def resolve(args: argparse.Namespace) -> dict:
   preset = dict(PRESETS[args.preset])
   if args.methods:
@@ -594,7 +602,7 @@ def resolve(args: argparse.Namespace) -> dict:
       if b not in BACKBONES:
         raise SystemExit(f"unknown backbone {b!r}; choose from {sorted(BACKBONES)}")
   if args.sizes:
-    preset["sizes"] = tuple(tuple(int(v) for v in s.split("/")) for s in args.sizes.split(","))
+    preset["sizes"] = tuple(parse_size(s) for s in args.sizes.split(","))
   for key in ("batch", "steps", "warmup", "dtype", "time_budget"):
     if getattr(args, key) is not None:
       preset[key] = getattr(args, key)

@@ -404,8 +404,8 @@ def main(argv=None) -> None:
   if args.what == "kernels":
     kernels()
   elif args.what == "profile":
-    img, window = (int(v) for v in args.size.split("/"))
-    profile(cell=("swin_mini", img, window))
+    from eesmm_jax.benchmark import parse_size
+    profile(cell=("swin_mini", *parse_size(args.size)))
   elif args.what == "compile":
     compile_times()
   else:

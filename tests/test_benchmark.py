@@ -122,3 +122,11 @@ def test_profile_sorts_xla_thunks_and_aten_ops_into_the_same_kinds():
             "copies and transposes", "aten::gelu_backward": "elementwise", "aten::add":
             "elementwise", "aten::_foreach_mul_": "optimizer"}
   assert {op: kernel_bench._torch_kind(op) for op in expect} == expect
+
+
+@pytest.mark.parametrize("bad", ["224x7", "224", "224/0", "a/7"])
+def test_a_malformed_size_is_refused_naming_it(bad):
+  """--sizes (and kernel_bench --size) take img/window: anything else stops with one line that
+  names the value, before anything compiles."""
+  with pytest.raises(SystemExit, match=f"size '{bad}' is not img/window"):
+    benchmark.resolve(benchmark.parse_args(["--sizes", f"192/6,{bad}", "--out", "unused"]))
