@@ -1,4 +1,4 @@
-"""Timing tables: SimMIM vs EESMM train steps, in JAX and in the PyTorch reference, one process.
+"""Timing tables: SimMIM vs EESMM train steps, in JAX and in the PyTorch reference.
 
     python -m eesmm_jax.benchmark --preset cpu-small --out /tmp/timing     # ~8 min on 2 cores
     python -m eesmm_jax.benchmark --preset gpu --out /tmp/timing           # the paper's sizes
@@ -13,6 +13,10 @@ XLA's FLOPs per image (of the step as lowered, before optimisation: the compiled
 count misses the matmuls that became cuBLAS calls), MFU against `PEAK_FLOPS` (null where the
 device is not in the table, e.g. CPUs), peak memory and its source, and GPU-hours per ImageNet
 epoch and per 800 epochs.
+
+How cells share the machine (`--interleave`, recorded as `timing` in every cell): the cells of
+one backbone and size each run in a process of their own and are timed a step of each in turn
+(cpu-small), or one after another in this process (gpu).
 
 Data: by default one batch of random images lives on the device and every step reuses it, so the
 input pipeline is not timed; `--data cifar10` (or imagenet2012 / folder with `--data_dir`) feeds
@@ -92,13 +96,14 @@ BACKBONES = {
 
 PRESETS = {
     "cpu-small": dict(backbones=("swin_mini",), sizes=((192, 6), (224, 7)), methods=(1, 2, 3),
-                      batch=12, steps=5, warmup=1, dtype="float32", torch=("eager",),
-                      time_budget=0),
+                      batch=12, steps=6, warmup=2, dtype="float32", torch=("eager",),
+                      time_budget=0, interleave=True),
     # One H100/H200/A100 (bf16) or V100 (fp16). Swin-B's 10 cells took about 14 min on an
     # H200 (launch/benchmark_gpu.sh); --time_budget skips (and lists) the cells past it.
     "gpu": dict(backbones=("swin_base", "swin_large"), sizes=((192, 6), (224, 7)),
                 methods=(1, 2, 3), batch={"swin_base": 96, "swin_large": 48}, steps=10,
-                warmup=2, dtype="auto", torch=("eager", "compile"), time_budget=0),
+                warmup=2, dtype="auto", torch=("eager", "compile"), time_budget=0,
+                interleave=False),
 }
 
 METHOD_NAMES = {"simmim": 1, "eesmm2": 2, "eesmm3": 3}
@@ -239,6 +244,17 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
              steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
              attention: Optional[str] = None, remat: str = "none", loop: bool = False) -> dict:
   """Compile and time the trainer's own step (`jax_step`)."""
+  one_step, finish = jax_cell_parts(backbone, img_size, window, num_mix, batch, dtype, warmup,
+                                    data, data_dir, attention, remat, loop)
+  return finish(timed_steps(one_step, steps, 0))
+
+
+def jax_cell_parts(backbone: str, img_size: int, window: int, num_mix: int, batch: int,
+                   dtype: str, warmup: int, data: str = "device", data_dir: Optional[str] = None,
+                   attention: Optional[str] = None, remat: str = "none", loop: bool = False):
+  """`jax_cell` in two parts: compile the step and run `warmup` steps, then return
+  (one_step, finish): a call that runs one step, and one that makes the cell's fields from the
+  timed steps' seconds."""
   config, p, state, images, lowered, compiled, compile_time = jax_step(
       backbone, img_size, window, num_mix, batch, dtype, data, data_dir, attention, remat)
   mesh, data_sharding = p.mesh, p.data_sharding
@@ -258,26 +274,30 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
     jax.block_until_ready((holder["state"], metrics))
     holder["loss"] = metrics["loss"]
 
-  times = timed_steps(one_step, steps, warmup)
-  loss = float(holder["loss"])
-  scale = holder["state"].dynamic_scale  # float16: the trainer's dynamic loss scale
-  loss_scale = None if scale is None else float(scale.scale)
-  peak_after = device_peak_bytes()
-  if peak_after is not None and (peak_before is None or peak_after > peak_before):
-    # The process's high-water mark rose during this cell, so it is this cell's peak.
-    peak, source = peak_after, "device memory_stats peak_bytes_in_use"
-  else:
-    peak, source = core.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
-  del holder, state, images
-  gc.collect()
-  cell = dict(compile_time_s=compile_time, flops_per_image=flops_per_image(lowered, batch),
-              peak_bytes=peak, peak_bytes_source=source, loss=loss,
-              finite=math.isfinite(loss), loss_scale=loss_scale, remat=remat,
-              **throughput_fields(batch, times, mesh.size))
-  if loop:
-    cell["loop_images_per_sec"] = loop_images_per_sec(config, steps + warmup)
-    cell["loop_vs_step"] = cell["loop_images_per_sec"] / cell["images_per_sec"]
-  return cell
+  timed_steps(one_step, 0, warmup)
+
+  def finish(times: list[float]) -> dict:
+    loss = float(holder["loss"])
+    scale = holder["state"].dynamic_scale  # float16: the trainer's dynamic loss scale
+    loss_scale = None if scale is None else float(scale.scale)
+    peak_after = device_peak_bytes()
+    if peak_after is not None and (peak_before is None or peak_after > peak_before):
+      # The process's high-water mark rose during this cell, so it is this cell's peak.
+      peak, source = peak_after, "device memory_stats peak_bytes_in_use"
+    else:
+      peak, source = core.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
+    holder.clear()
+    gc.collect()
+    cell = dict(compile_time_s=compile_time, flops_per_image=flops_per_image(lowered, batch),
+                peak_bytes=peak, peak_bytes_source=source, loss=loss,
+                finite=math.isfinite(loss), loss_scale=loss_scale, remat=remat,
+                **throughput_fields(batch, times, mesh.size))
+    if loop:
+      cell["loop_images_per_sec"] = loop_images_per_sec(config, len(times) + warmup)
+      cell["loop_vs_step"] = cell["loop_images_per_sec"] / cell["images_per_sec"]
+    return cell
+
+  return one_step, finish
 
 
 def loop_images_per_sec(config, steps: int) -> float:
@@ -384,6 +404,13 @@ def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str
                steps: int, warmup: int) -> dict:
   """Time `torch_step`: the first step (eager: one step; compile: tracing, inductor's codegen
   and one step), then the median of `steps` after `warmup`."""
+  one_step, finish = torch_cell_parts(backbone, img_size, window, batch, dtype, mode, warmup)
+  return finish(timed_steps(one_step, steps, 0))
+
+
+def torch_cell_parts(backbone: str, img_size: int, window: int, batch: int, dtype: str,
+                     mode: str, warmup: int):
+  """`torch_cell` in two parts, as `jax_cell_parts`: (one_step, finish)."""
   import torch
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   one_step = torch_step(backbone, img_size, window, batch, dtype, mode)
@@ -392,20 +419,20 @@ def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str
   t = time.perf_counter()
   loss = one_step()  # eager: the first step; compile: tracing + inductor codegen + first step
   first = time.perf_counter() - t
-  times = timed_steps(one_step, steps, max(warmup - 1, 0))
-  compile_time = max(first - statistics.median(times), 0.0)
-  peak, source = None, "unavailable on CPU"
-  if dev.type == "cuda":
-    peak, source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
-  del one_step
-  gc.collect()
-  if dev.type == "cuda":
-    torch.cuda.empty_cache()
-  name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-  return dict(compile_time_s=compile_time, flops_per_image=None, peak_bytes=peak,
-              peak_bytes_source=source, loss=loss, finite=math.isfinite(loss),
-              device=f"1 x {name}", device_kind=name, num_devices=1,
-              **throughput_fields(batch, times, 1))
+  timed_steps(one_step, 0, max(warmup - 1, 0))
+
+  def finish(times: list[float]) -> dict:
+    peak, source = None, "unavailable on CPU"
+    if dev.type == "cuda":
+      peak, source = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+      torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    return dict(compile_time_s=max(first - statistics.median(times), 0.0), flops_per_image=None,
+                peak_bytes=peak, peak_bytes_source=source, loss=loss,
+                finite=math.isfinite(loss), device=f"1 x {name}", device_kind=name,
+                num_devices=1, **throughput_fields(batch, times, 1))
+
+  return one_step, finish
 
 
 # ----------------------------------------------------------------------------- reports
@@ -456,7 +483,8 @@ def markdown(cells: list[dict], meta: dict, command: str) -> str:
       f"Device: **{meta['device']}** ({meta['platform']}), host {meta['host']}, "
       f"allocator {meta.get('allocator', '-')}, "
       f"JAX {meta['jax_version']}, {meta['date']}.  ",
-      f"Command: `{command}`",
+      f"Command: `{command}`  ",
+      f"Cells timed {cells[0]['timing'] if cells else '-'}.",
       "",
       "Units: step time is the median of the timed steps (after warm-up, each ending in "
       "`block_until_ready` / `cuda.synchronize`); img/s counts *images* (an EESMM blend of n "
@@ -579,6 +607,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--loop", action="store_true",
                  help="also time the whole trainer loop on each JAX cell "
                       "(loop_images_per_sec beside images_per_sec)")
+  p.add_argument("--interleave", action=argparse.BooleanOptionalAction,
+                 help="time the cells of each backbone and size together, a step of each in "
+                      "turn, each cell in its own process (default: the preset's; cpu-small "
+                      "does, gpu does not: a GPU's step times hold still, and every process "
+                      "would hold its own device memory)")
   p.add_argument("--time_budget", type=float,
                  help="seconds; cells that would start after it are skipped (0 = no limit)")
   return p.parse_args(argv)
@@ -603,7 +636,7 @@ def resolve(args: argparse.Namespace) -> dict:
         raise SystemExit(f"unknown backbone {b!r}; choose from {sorted(BACKBONES)}")
   if args.sizes:
     preset["sizes"] = tuple(parse_size(s) for s in args.sizes.split(","))
-  for key in ("batch", "steps", "warmup", "dtype", "time_budget"):
+  for key in ("batch", "steps", "warmup", "dtype", "time_budget", "interleave"):
     if getattr(args, key) is not None:
       preset[key] = getattr(args, key)
   if args.torch:
@@ -613,10 +646,95 @@ def resolve(args: argparse.Namespace) -> dict:
   return preset
 
 
+def _cell_parts(framework: str, impl: str, num_mix: int, remat: str, backbone: str,
+                img_size: int, window: int, batch: int, grid: dict, args: argparse.Namespace):
+  """(one_step, finish) of one cell of the grid, compiled and warmed up."""
+  if framework == "jax":
+    return jax_cell_parts(backbone, img_size, window, num_mix, batch, grid["dtype"],
+                          grid["warmup"], args.data, args.data_dir,
+                          None if args.attention == "auto" else args.attention, remat, args.loop)
+  return torch_cell_parts(backbone, img_size, window, batch, grid["dtype"], impl.split("-")[1],
+                          grid["warmup"])
+
+
+def _error(e: BaseException) -> str:
+  traceback.print_exc()
+  return f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def _worker(job: dict, conn) -> None:
+  """One cell in a process of its own (--interleave): compile and warm it up, then time one step
+  per 'step' message; 'finish' answers with the cell's fields. Every answer is a message: a
+  failure is sent as {'status': 'error: ...'} and ends the worker."""
+  # Several workers share the device: none may take most of its memory up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  try:
+    one_step, finish = _cell_parts(**job)
+    conn.send("ready")
+    times = []
+    while (message := conn.recv()) == "step":
+      t = time.perf_counter()
+      one_step()
+      times.append(time.perf_counter() - t)
+      conn.send("ok")
+    conn.send(finish(times))
+  except Exception as e:  # the parent records it; the other cells go on
+    conn.send({"status": _error(e)})
+
+
+def _interleaved(jobs: list[dict], steps: int) -> list[dict]:
+  """Time `jobs` (cells of one backbone and size) in rounds, each cell in its own process: a
+  round times one step of every cell, in turn, the order reversed every other round.
+
+  On a shared machine a step's time drifts by tens of per cent within minutes, so cells timed
+  one after another compare their minutes as much as their steps; here each cell sees the same
+  minutes. And no cell runs in a heap another framework has carved up: JAX steps timed after
+  PyTorch's in one process spent 70-330 ms each in page faults (docs/timing.md)."""
+  import multiprocessing
+
+  context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
+  workers, results = [], [None] * len(jobs)
+  for i, job in enumerate(jobs):  # one at a time: compiles would slow each other
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_worker, args=(job, theirs), daemon=True)
+    process.start()
+    theirs.close()
+    workers.append((i, ours, process))
+
+  def ask(i, conn, process, message):
+    try:
+      conn.send(message)
+      return conn.recv()
+    except (EOFError, OSError):  # killed (out of memory?) or crashed
+      process.join(timeout=5)
+      return {"status": f"error: worker exited with code {process.exitcode}"}
+
+  live = []
+  for i, conn, process in workers:
+    try:
+      reply = conn.recv()
+    except EOFError:
+      process.join(timeout=5)
+      reply = {"status": f"error: worker exited with code {process.exitcode}"}
+    if reply == "ready":
+      live.append((i, conn, process))
+    else:
+      results[i] = reply
+  for r in range(steps):
+    for i, conn, process in (live if r % 2 == 0 else live[::-1]):
+      if results[i] is None and (reply := ask(i, conn, process, "step")) != "ok":
+        results[i] = reply
+  for i, conn, process in live:
+    if results[i] is None:
+      results[i] = ask(i, conn, process, "finish")
+    process.join(timeout=60)
+  return results
+
+
 def run(argv=None) -> list[dict]:
   args = parse_args(argv)
   grid = resolve(args)
-  if grid["torch"]:
+  if grid["torch"] and not grid["interleave"]:
     # timm (through torchvision) must be imported before TensorFlow, which the trainer's input
     # pipeline imports: the other order segfaults inside torchvision's import.
     import timm.models.swin_transformer  # noqa: F401
@@ -628,44 +746,54 @@ def run(argv=None) -> list[dict]:
   cells: list[dict] = []
   last_cost = 0.0
   jax_impl = "jax" + (f"-{args.attention}" if args.attention != "auto" else "")
+  timing = ("interleaved: a step of each cell in turn, each cell in its own process"
+            if grid["interleave"] else "in turn: each cell's steps together, one process")
   for backbone in grid["backbones"]:
     batch = grid["batch"][backbone] if isinstance(grid["batch"], dict) else grid["batch"]
     for img_size, window in grid["sizes"]:
       jobs = [("jax", jax_impl + (f"-remat-{r}" if r != "none" else ""), n, r)
               for n in grid["methods"] for r in args.remat.split(",")]
       jobs += [("torch", f"torch-{mode}", 1, "none") for mode in grid["torch"]]
-      for framework, impl, n, remat in jobs:
-        cell = dict(framework=framework, impl=impl, method=method_name(n), num_mix=n,
+      group = [dict(framework=framework, impl=impl, method=method_name(n), num_mix=n,
                     backbone=backbone, img_size=img_size, window_size=window, batch_size=batch,
                     encoder_inputs_per_step=batch // n, dtype=grid["dtype"],
-                    data=args.data if framework == "jax" else "device", **meta)
-        elapsed = time.perf_counter() - start
+                    data=args.data if framework == "jax" else "device", timing=timing, **meta)
+               for framework, impl, n, remat in jobs]
+      specs = [dict(framework=framework, impl=impl, num_mix=n, remat=remat, backbone=backbone,
+                    img_size=img_size, window=window, batch=batch, grid=grid, args=args)
+               for framework, impl, n, remat in jobs]
+      elapsed = time.perf_counter() - start
+      if grid["interleave"]:
         if grid["time_budget"] and elapsed + last_cost > grid["time_budget"]:
+          results = [{"status": f"skipped: --time_budget {grid['time_budget']:.0f} s"}] * len(jobs)
+        else:
+          t = time.perf_counter()
+          results = _interleaved(specs, grid["steps"])
+          last_cost = time.perf_counter() - t
+      for i, (cell, spec) in enumerate(zip(group, specs)):
+        if grid["interleave"]:
+          cell.update(results[i])
+          cell.setdefault("status", "ok")
+        elif grid["time_budget"] and (time.perf_counter() - start + last_cost
+                                      > grid["time_budget"]):
           cell["status"] = f"skipped: --time_budget {grid['time_budget']:.0f} s"
         else:
           t = time.perf_counter()
           try:
-            if framework == "jax":
-              cell.update(jax_cell(backbone, img_size, window, n, batch, grid["dtype"],
-                                   grid["steps"], grid["warmup"], args.data, args.data_dir,
-                                   None if args.attention == "auto" else args.attention,
-                                   remat, args.loop))
-            else:
-              cell.update(torch_cell(backbone, img_size, window, batch, grid["dtype"],
-                                     impl.split("-")[1], grid["steps"], grid["warmup"]))
+            one_step, finish = _cell_parts(**spec)
+            cell.update(finish(timed_steps(one_step, grid["steps"], 0)))
             cell["status"] = "ok"
           except Exception as e:  # an OOM or unsupported cell must not lose the others
-            traceback.print_exc()
-            cell["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            cell["status"] = _error(e)
           last_cost = time.perf_counter() - t
         cells.append(cell)
         if cell["status"] == "ok":
-          print(f"{backbone} {img_size}/{window} {method_name(n):10s} {impl:13s} "
+          print(f"{backbone} {img_size}/{window} {cell['method']:10s} {cell['impl']:13s} "
                 f"{cell['step_time_s'] * 1e3:9.1f} ms/step {cell['images_per_sec']:9.2f} img/s "
                 f"compile {cell['compile_time_s']:.1f} s", flush=True)
         else:
-          print(f"{backbone} {img_size}/{window} {method_name(n)} {impl}: {cell['status']}",
-                flush=True)
+          print(f"{backbone} {img_size}/{window} {cell['method']} {cell['impl']}: "
+                f"{cell['status']}", flush=True)
         write_outputs(args.out, cells, meta, command)
   print(open(os.path.join(args.out, "timing.md")).read())
   return cells

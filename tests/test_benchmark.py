@@ -82,6 +82,8 @@ def test_cpu_small_preset_writes_sane_tables(tmp_path):
   assert eesmm["speedup_vs_simmim"] == pytest.approx(
       eesmm["images_per_sec"] / simmim["images_per_sec"])
   assert simmim["ratio_vs_torch_eager_simmim"] > 0
+  # cpu-small interleaves: each cell in its own process, a step of each in turn.
+  assert all(c["timing"].startswith("interleaved") for c in cells)
 
   table = (out / "timing.md").read_text()
   assert "| swin_micro | 64/2 | EESMM n=2 | jax |" in table
@@ -130,3 +132,32 @@ def test_a_malformed_size_is_refused_naming_it(bad):
   names the value, before anything compiles."""
   with pytest.raises(SystemExit, match=f"size '{bad}' is not img/window"):
     benchmark.resolve(benchmark.parse_args(["--sizes", f"192/6,{bad}", "--out", "unused"]))
+
+
+def test_interleaved_cells_time_in_their_own_processes_and_a_failure_stays_in_its_cell():
+  """`_interleaved` (cpu-small's timing): each cell's worker process answers one timed step per
+  round; a cell that fails to build reports its error and the others still finish."""
+  args = benchmark.parse_args(["--out", "unused", "--steps", "3", "--warmup", "1"])
+  grid = benchmark.resolve(args)
+  job = dict(framework="torch", impl="torch-eager", num_mix=1, remat="none", img_size=64,
+             window=2, batch=2, grid=grid, args=args)
+  good, bad = benchmark._interleaved([dict(job, backbone="swin_micro"),
+                                      dict(job, backbone="no_such_swin")], steps=3)
+  assert good["finite"] and len(good["step_times_s"]) == 3 and good["step_time_s"] > 0
+  assert bad == {"status": "error: KeyError: 'no_such_swin'"}
+
+
+def test_cells_timed_in_turn_in_one_process(tmp_path):
+  """--no-interleave (the gpu preset's timing): the cells run in this process, one after
+  another."""
+  out = tmp_path / "timing"
+  cmd = [sys.executable, "-m", "eesmm_jax.benchmark", "--out", str(out), "--no-interleave",
+         "--backbones", "swin_micro", "--sizes", "64/2", "--methods", "simmim", "--batch", "2",
+         "--steps", "2", "--warmup", "1", "--torch", "none"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": xla_flags(1)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (cell,) = json.loads((out / "timing.json").read_text())
+  assert cell["status"] == "ok" and len(cell["step_times_s"]) == 2
+  assert cell["timing"].startswith("in turn")
+  assert "Cells timed in turn" in (out / "timing.md").read_text()
