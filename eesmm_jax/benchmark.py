@@ -1,6 +1,6 @@
 """Timing tables: SimMIM vs EESMM train steps, in JAX and in the PyTorch reference.
 
-    python -m eesmm_jax.benchmark --preset cpu-small --out /tmp/timing     # ~8 min on 2 cores
+    python -m eesmm_jax.benchmark --preset cpu-small --out /tmp/timing     # ~5 min on 2 cores
     python -m eesmm_jax.benchmark --preset gpu --out /tmp/timing           # the paper's sizes
     python -m eesmm_jax.benchmark --preset gpu --methods eesmm2 --backbones swin_base \\
         --sizes 224/7 --torch none --out /tmp/one_cell                     # one cell
@@ -693,40 +693,34 @@ def _interleaved(jobs: list[dict], steps: int) -> list[dict]:
   import multiprocessing
 
   context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
-  workers, results = [], [None] * len(jobs)
-  for i, job in enumerate(jobs):  # one at a time: compiles would slow each other
-    ours, theirs = context.Pipe()
-    process = context.Process(target=_worker, args=(job, theirs), daemon=True)
-    process.start()
-    theirs.close()
-    workers.append((i, ours, process))
+  results, live = [None] * len(jobs), []
 
-  def ask(i, conn, process, message):
+  def ask(conn, process, message=None):
     try:
-      conn.send(message)
+      if message is not None:
+        conn.send(message)
       return conn.recv()
     except (EOFError, OSError):  # killed (out of memory?) or crashed
       process.join(timeout=5)
       return {"status": f"error: worker exited with code {process.exitcode}"}
 
-  live = []
-  for i, conn, process in workers:
-    try:
-      reply = conn.recv()
-    except EOFError:
-      process.join(timeout=5)
-      reply = {"status": f"error: worker exited with code {process.exitcode}"}
-    if reply == "ready":
-      live.append((i, conn, process))
+  for i, job in enumerate(jobs):
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_worker, args=(job, theirs), daemon=True)
+    process.start()
+    theirs.close()
+    # Ready (compiled and warmed up) before the next starts: compiles would slow each other.
+    if (reply := ask(ours, process)) == "ready":
+      live.append((i, ours, process))
     else:
       results[i] = reply
   for r in range(steps):
     for i, conn, process in (live if r % 2 == 0 else live[::-1]):
-      if results[i] is None and (reply := ask(i, conn, process, "step")) != "ok":
+      if results[i] is None and (reply := ask(conn, process, "step")) != "ok":
         results[i] = reply
   for i, conn, process in live:
     if results[i] is None:
-      results[i] = ask(i, conn, process, "finish")
+      results[i] = ask(conn, process, "finish")
     process.join(timeout=60)
   return results
 
