@@ -241,20 +241,11 @@ def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int
 
 
 def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int, dtype: str,
-             steps: int, warmup: int, data: str = "device", data_dir: Optional[str] = None,
-             attention: Optional[str] = None, remat: str = "none", loop: bool = False) -> dict:
-  """Compile and time the trainer's own step (`jax_step`)."""
-  one_step, finish = jax_cell_parts(backbone, img_size, window, num_mix, batch, dtype, warmup,
-                                    data, data_dir, attention, remat, loop)
-  return finish(timed_steps(one_step, steps, 0))
-
-
-def jax_cell_parts(backbone: str, img_size: int, window: int, num_mix: int, batch: int,
-                   dtype: str, warmup: int, data: str = "device", data_dir: Optional[str] = None,
-                   attention: Optional[str] = None, remat: str = "none", loop: bool = False):
-  """`jax_cell` in two parts: compile the step and run `warmup` steps, then return
-  (one_step, finish): a call that runs one step, and one that makes the cell's fields from the
-  timed steps' seconds."""
+             warmup: int, data: str = "device", data_dir: Optional[str] = None,
+             attention: Optional[str] = None, remat: str = "none", loop: bool = False):
+  """The trainer's own step (`jax_step`), compiled and run `warmup` times. Returns (one_step,
+  finish): a call that runs one step, and one that makes the cell's fields from the timed steps'
+  seconds."""
   config, p, state, images, lowered, compiled, compile_time = jax_step(
       backbone, img_size, window, num_mix, batch, dtype, data, data_dir, attention, remat)
   mesh, data_sharding = p.mesh, p.data_sharding
@@ -401,16 +392,10 @@ def torch_step(backbone: str, img_size: int, window: int, batch: int, dtype: str
 
 
 def torch_cell(backbone: str, img_size: int, window: int, batch: int, dtype: str, mode: str,
-               steps: int, warmup: int) -> dict:
-  """Time `torch_step`: the first step (eager: one step; compile: tracing, inductor's codegen
-  and one step), then the median of `steps` after `warmup`."""
-  one_step, finish = torch_cell_parts(backbone, img_size, window, batch, dtype, mode, warmup)
-  return finish(timed_steps(one_step, steps, 0))
-
-
-def torch_cell_parts(backbone: str, img_size: int, window: int, batch: int, dtype: str,
-                     mode: str, warmup: int):
-  """`torch_cell` in two parts, as `jax_cell_parts`: (one_step, finish)."""
+               warmup: int):
+  """`torch_step` after its first step (eager: one step; compile: tracing, inductor's codegen
+  and one step, which give the compile time) and `warmup` - 1 more: (one_step, finish), as
+  `jax_cell`."""
   import torch
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   one_step = torch_step(backbone, img_size, window, batch, dtype, mode)
@@ -646,15 +631,15 @@ def resolve(args: argparse.Namespace) -> dict:
   return preset
 
 
-def _cell_parts(framework: str, impl: str, num_mix: int, remat: str, backbone: str,
+def _cell(framework: str, impl: str, num_mix: int, remat: str, backbone: str,
                 img_size: int, window: int, batch: int, grid: dict, args: argparse.Namespace):
   """(one_step, finish) of one cell of the grid, compiled and warmed up."""
   if framework == "jax":
-    return jax_cell_parts(backbone, img_size, window, num_mix, batch, grid["dtype"],
-                          grid["warmup"], args.data, args.data_dir,
-                          None if args.attention == "auto" else args.attention, remat, args.loop)
-  return torch_cell_parts(backbone, img_size, window, batch, grid["dtype"], impl.split("-")[1],
-                          grid["warmup"])
+    return jax_cell(backbone, img_size, window, num_mix, batch, grid["dtype"], grid["warmup"],
+                    args.data, args.data_dir,
+                    None if args.attention == "auto" else args.attention, remat, args.loop)
+  return torch_cell(backbone, img_size, window, batch, grid["dtype"], impl.split("-")[1],
+                    grid["warmup"])
 
 
 def _error(e: BaseException) -> str:
@@ -669,7 +654,7 @@ def _worker(job: dict, conn) -> None:
   # Several workers share the device: none may take most of its memory up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   try:
-    one_step, finish = _cell_parts(**job)
+    one_step, finish = _cell(**job)
     conn.send("ready")
     times = []
     while (message := conn.recv()) == "step":
@@ -774,7 +759,7 @@ def run(argv=None) -> list[dict]:
         else:
           t = time.perf_counter()
           try:
-            one_step, finish = _cell_parts(**spec)
+            one_step, finish = _cell(**spec)
             cell.update(finish(timed_steps(one_step, grid["steps"], 0)))
             cell["status"] = "ok"
           except Exception as e:  # an OOM or unsupported cell must not lose the others

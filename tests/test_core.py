@@ -66,7 +66,7 @@ def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_p
                              "--backbones", "swin_micro", "--sizes", "64/2",
                              "--methods", "eesmm2", "--batch", "4", "--steps", "1",
                              "--warmup", "0", "--torch", "none", "--dtype", "float16",
-                             "--loop"])
+                             "--loop", "--no-interleave"])  # here, where TF is blocked
     assert status == 0
     # The fp16 cell is the trainer's step, dynamic loss scale included (float32 cells carry
     # none: test_benchmark checks them); its loop mode times the whole trainer loop beside it
