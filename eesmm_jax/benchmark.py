@@ -210,12 +210,30 @@ def cell_config(backbone: str, img_size: int, window: int, num_mix: int, batch: 
   return config
 
 
-def flops_per_image(lowered, batch: int) -> Optional[float]:
+def flops_per_image(lowered, batch: int, config=None, attention: Optional[str] = None
+                    ) -> Optional[float]:
   """XLA's count of the whole step before optimisation (before SPMD partitioning, so for the
   global batch) per image: the same on every backend and mesh. The compiled program's count is
   not: on a GPU it misses the matmuls that became cuBLAS calls (an H200 counted 5.3 of Swin-B
-  192/6 SimMIM's 69 GFLOPs per image), and on a mesh it counts replicated work per device."""
+  192/6 SimMIM's 69 GFLOPs per image), and on a mesh it counts replicated work per device.
+
+  Backends behind the PJRT C API (JAX 0.11's CUDA plugin) have no cost analysis before
+  compilation (`lowered.cost_analysis()` is None: every cell of the eighth session's second H200
+  run), so with `config` the same step is traced again for one CPU device and counted there.
+  None where that fails too (a cuDNN custom call has no CPU lowering)."""
   cost = lowered.cost_analysis()
+  if not cost and config is not None:
+    p = plan.pretraining(config, core.make_mesh(jax.devices("cpu")[:1]),
+                         attention_impl=attention)
+    state = jax.eval_shape(p.new_state, jax.random.PRNGKey(0))
+    images = jax.ShapeDtypeStruct((batch, config.img_size, config.img_size, 3),
+                                  jax.numpy.uint8, sharding=p.data_sharding)
+    try:
+      cost = core.jit_train_step(p).lower(state, images).cost_analysis()
+    except Exception as e:  # e.g. no CPU lowering for a GPU-only custom call
+      print(f"no FLOP count: the step does not lower for the CPU ({type(e).__name__})",
+            flush=True)
+      return None
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / batch if cost and "flops" in cost else None
 
@@ -279,7 +297,8 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
       peak, source = core.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
     holder.clear()
     gc.collect()
-    cell = dict(compile_time_s=compile_time, flops_per_image=flops_per_image(lowered, batch),
+    flops = flops_per_image(lowered, batch, config, attention)
+    cell = dict(compile_time_s=compile_time, flops_per_image=flops,
                 peak_bytes=peak, peak_bytes_source=source, loss=loss,
                 finite=math.isfinite(loss), loss_scale=loss_scale, remat=remat,
                 **throughput_fields(batch, times, mesh.size))

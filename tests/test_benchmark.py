@@ -41,6 +41,25 @@ def test_flops_per_image_are_the_lowered_steps_whatever_the_mesh():
   assert counts[1] == pytest.approx(counts[0], rel=1e-9)
 
 
+def test_flops_are_counted_on_the_cpu_where_the_backend_has_no_lowered_cost(monkeypatch):
+  """GPU plugins behind the PJRT C API give no cost analysis before compilation (None for every
+  cell of an H200 run): the step is then traced again for one CPU device and counted there."""
+  config = benchmark.cell_config("swin_micro", 64, 2, num_mix=2, batch=8, dtype="float32")
+  p = plan.pretraining(config, core.make_mesh(jax.devices()[:4]))
+  state = jax.eval_shape(p.new_state, jax.random.PRNGKey(0))
+  images = jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.uint8, sharding=p.data_sharding)
+  lowered = core.jit_train_step(p).lower(state, images)
+  direct = benchmark.flops_per_image(lowered, 8)
+  calls = []
+  real = jax.stages.Lowered.cost_analysis
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis",
+                      lambda self: calls.append(self) or (None if len(calls) == 1 else real(self)))
+  assert benchmark.flops_per_image(lowered, 8) is None  # without the config: nothing to recount
+  calls.clear()
+  assert benchmark.flops_per_image(lowered, 8, config) == pytest.approx(direct, rel=1e-9)
+  assert len(calls) == 2  # the step's own lowering, then the CPU one
+
+
 def test_cpu_small_preset_writes_sane_tables(tmp_path):
   out = tmp_path / "timing"
   # A subprocess: timm must be imported before TensorFlow, which other tests may have loaded.
