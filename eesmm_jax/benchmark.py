@@ -650,8 +650,8 @@ def resolve(args: argparse.Namespace) -> dict:
   return preset
 
 
-def _cell(framework: str, impl: str, num_mix: int, remat: str, backbone: str,
-                img_size: int, window: int, batch: int, grid: dict, args: argparse.Namespace):
+def _cell(framework: str, impl: str, num_mix: int, remat: str, backbone: str, img_size: int,
+          window: int, batch: int, grid: dict, args: argparse.Namespace):
   """(one_step, finish) of one cell of the grid, compiled and warmed up."""
   if framework == "jax":
     return jax_cell(backbone, img_size, window, num_mix, batch, grid["dtype"], grid["warmup"],
