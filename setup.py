@@ -37,7 +37,7 @@ setup(
         "torch": TORCH,
         # The demo's real images: scikit-learn's digits ship inside the package.
         "demo": ["scikit-learn>=1.3"],
-        # `python -m eesmm_jax.study`: the demo's digits, and matplotlib for study.png.
+        # `python -m eesmm_jax.tools.study`: the demo's digits, and matplotlib for study.png.
         "study": ["scikit-learn>=1.3", "matplotlib>=3.8"],
         "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.3", "matplotlib>=3.8"] + TORCH,
     },

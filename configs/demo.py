@@ -1,7 +1,7 @@
 """The embedded demo: EESMM (n = 2) pretraining of a small Swin on scikit-learn's digits.
 
 Run (what the README's demo command does):
-  python -m eesmm_jax.demo --workdir /tmp/eesmm_demo
+  python -m eesmm_jax.tools.demo --workdir /tmp/eesmm_demo
 
 The 1,797 real 8x8 digit images are written once as 32x32 PNGs in the image-folder layout and
 read through the same tf.data 'folder' path as every other source. A 2-stage Swin (patch 2,

@@ -19,7 +19,7 @@ memory and the --config.micro_batches that fits; --config.device_memory_gb=32 as
 on any machine.)
 
 Result: not run by us. The encoder does half of SimMIM's work per image at n = 2; see
-`python -m eesmm_jax.flops` and `python -m eesmm_jax.benchmark` for the measured ratios.
+`python -m eesmm_jax.tools.flops` and `python -m eesmm_jax.tools.benchmark` for the measured ratios.
 """
 
 from eesmm_jax.config import pretrain_config

@@ -22,7 +22,7 @@ device's memory and the --config.micro_batches that fits; --config.device_memory
 a V100 on any machine.)
 
 Result: not run by us. The paper's Table 1 puts SimMIM192 Swin-B at 1,609 hours of pretraining;
-Sec. 4.2 quotes 2.8 GPU-hours per epoch for SimMIM224. `python -m eesmm_jax.benchmark` measures
+Sec. 4.2 quotes 2.8 GPU-hours per epoch for SimMIM224. `python -m eesmm_jax.tools.benchmark` measures
 ours beside EESMM on the same hardware.
 """
 

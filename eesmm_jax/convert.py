@@ -156,6 +156,14 @@ _RESIZERS = {
 }
 
 
+def resize_to(path: tuple[str, ...], value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """`value` at `shape` where the parameter at `path` may be resized (a relative position bias
+  table, an absolute position embedding), else unchanged; the caller checks the shape."""
+  if value.shape != tuple(shape) and path[-1] in _RESIZERS:
+    return _RESIZERS[path[-1]](value, shape)
+  return value
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversion.
 
@@ -205,9 +213,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: swin.SwinTransformer, *,
 
   flat = {}
   for path, spec in expected.items():
-    value = _to_flax_value(path, _as_numpy(encoder[names[path]]))
-    if value.shape != spec.shape and path[-1] in _RESIZERS:
-      value = _RESIZERS[path[-1]](value, spec.shape)
+    value = resize_to(path, _to_flax_value(path, _as_numpy(encoder[names[path]])), spec.shape)
     if value.shape != spec.shape:
       raise ConversionError(
           f"shape mismatch for {names[path]} (flax {'/'.join(path)}): checkpoint "

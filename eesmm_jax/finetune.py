@@ -12,7 +12,7 @@ Three modes of the same command line (`config.mode`, see `finetune_config`):
   or a convert directory) on `data.eval_split`.
 * 'probe': linear probe of a frozen encoder's pooled features (`probe.py`).
 
-The trainer core (`core.py`) and the plan (`plan.py`) are shared with pretraining: mesh, global
+The trainer core (`step.py`) and the plan (`plan.py`) are shared with pretraining: mesh, global
 batches, state, shardings, checkpoint checks, the jitted step (with the fp16 loss scale and the
 non-finite stop), metrics and preemption. Evaluation counts every real example once: the eval
 input pads the last batches of every process and marks padding in 'mask', and the step sums
@@ -34,10 +34,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eesmm_jax import augment
 from eesmm_jax import config as config_lib
-from eesmm_jax import core, data, finetune_input, input_pipeline, probe
+from eesmm_jax import data, probe
 from eesmm_jax import plan as plan_lib
+from eesmm_jax import sharding
+from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
+from eesmm_jax.data import finetune_input
 from eesmm_jax.models import swin
+from eesmm_jax.models import weights
 
 MODES = ("finetune", "eval", "probe")
 
@@ -78,7 +82,7 @@ def finetune_config() -> ml_collections.ConfigDict:
 
 
 def create_classifier(config, num_classes: int, **overrides) -> swin.SwinTransformer:
-  return core.create_encoder(config, num_classes=num_classes, **overrides)
+  return step_lib.create_encoder(config, num_classes=num_classes, **overrides)
 
 
 def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> int:
@@ -86,7 +90,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r} is unknown; choose one of {MODES} (or "
                      "'pretrain', with a pretraining config)")
-  core.create_encoder(config)  # the model name, sizes and dtype
+  step_lib.create_encoder(config)  # the model name, sizes and dtype
   data.check_data_config(config.data)
   classes = finetune_input.num_classes(config.data)
   if config.model.num_classes is not None and config.model.num_classes != classes:
@@ -130,14 +134,14 @@ def initial_params(config, model: swin.SwinTransformer, rng: jax.Array,
   params = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(rng, x)["params"])
   if not config.init_from:
     return params
-  loaded, head_loaded = core.load_weights(config.init_from, model)
+  loaded, head_loaded = weights.load_weights(config.init_from, model)
   if need_head and not head_loaded:
     raise ValueError(f"config.init_from={config.init_from!r} has no classifier head with "
                      f"{model.num_classes} classes: 'eval' needs a fine-tuned model")
   if not head_loaded and model.num_classes:
     logging.info("init_from %s: no head for %d classes, a fresh one is trained",
                  config.init_from, model.num_classes)
-  return core.merge_params(params, loaded)
+  return weights.merge_params(params, loaded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ def initial_params(config, model: swin.SwinTransformer, rng: jax.Array,
 
 
 def make_loss_fn(model: swin.SwinTransformer, num_classes: int, aug: ml_collections.ConfigDict):
-  """loss_fn(params, batch, rng, train) for `core.make_train_step`: mixup / cutmix and label
+  """loss_fn(params, batch, rng, train) for `step.make_train_step`: mixup / cutmix and label
   smoothing on device, soft-target cross-entropy, drop path."""
 
   def loss_fn(params, batch, rng, train: bool):
@@ -180,7 +184,7 @@ def evaluate(eval_step, params, batches, data_sharding: NamedSharding) -> dict:
   eval batches; several processes each feed their own)."""
   totals = None
   for local in batches:
-    batch = {k: core.global_batch_from_local(local[k], data_sharding)
+    batch = {k: sharding.global_batch_from_local(local[k], data_sharding)
              for k in ("image", "label", "mask")}
     sums = eval_step(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
@@ -193,8 +197,7 @@ def evaluate(eval_step, params, batches, data_sharding: NamedSharding) -> dict:
 
 
 def _eval_batches(config):
-  return input_pipeline.create_eval_iterator(config.data, config.eval_batch_size,
-                                             split=config.data.eval_split)
+  return data.create_eval_iterator(config.data, config.eval_batch_size, split=config.data.eval_split)
 
 
 def _write_json(workdir: str, name: str, row: dict) -> None:
@@ -212,7 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
   """The command line's entry for `config.mode` in MODES."""
   if config.get("mode") not in MODES:
     raise ValueError(f"config.mode={config.get('mode')!r} is unknown; choose one of {MODES}")
-  mesh = core.make_mesh(devices)
+  mesh = sharding.make_mesh(devices)
   workdir = os.path.abspath(workdir)
   num_classes = _check(config, workdir, mesh.size)
   if config.mode == "eval":
@@ -246,8 +249,7 @@ def linear_probe(config, workdir: str, num_classes: int) -> dict:
   params = initial_params(config, encoder, jax.random.PRNGKey(config.seed))
 
   def features(split):
-    batches = input_pipeline.create_eval_iterator(config.data, config.eval_batch_size,
-                                                  split=split)
+    batches = data.create_eval_iterator(config.data, config.eval_batch_size, split=split)
     return probe.extract_features(encoder, params, batches)
 
   train_xy, test_xy = features(config.data.split), features(config.data.eval_split)
@@ -265,7 +267,7 @@ def linear_probe(config, workdir: str, num_classes: int) -> dict:
 
 
 def finetune(config, workdir: str, mesh, num_classes: int,
-             stop_after: Optional[int] = None) -> core.TrainState:
+             stop_after: Optional[int] = None) -> step_lib.TrainState:
   """'finetune': trains as `config` says, resuming from `workdir` if it holds a checkpoint, and
   evaluates at the end; a run stopped after its last save still evaluates when restarted."""
   # --- The plan: classifier, loss, steps, optimizer, state and shardings.
@@ -284,7 +286,7 @@ def finetune(config, workdir: str, mesh, num_classes: int,
 
     # --- The steps.
     s = config.img_size
-    train_step = core.compile_train_step(p, state, {
+    train_step = step_lib.compile_train_step(p, state, {
         "image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
                                       sharding=p.data_sharding),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
@@ -292,10 +294,10 @@ def finetune(config, workdir: str, mesh, num_classes: int,
     eval_step = jax.jit(make_eval_step(p.model))
 
     # --- Loop.
-    batches = core.prefetch(
+    batches = step_lib.prefetch(
         finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
                                                 start_step=start),
-        lambda local: {k: core.global_batch_from_local(local[k], p.data_sharding)
+        lambda local: {k: sharding.global_batch_from_local(local[k], p.data_sharding)
                        for k in ("image", "label")})
     last = steps if stop_after is None else min(steps, stop_after)
 
@@ -307,7 +309,7 @@ def finetune(config, workdir: str, mesh, num_classes: int,
               f"({result['count']} images)", flush=True)
       return result
 
-    core.line_up_processes("first step")
+    sharding.line_up_processes("first step")
     run.log.start(start)
     for step in range(start + 1, last + 1):
       state, metrics = train_step(state, next(batches))

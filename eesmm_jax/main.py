@@ -14,6 +14,10 @@ import sys
 # TensorFlow's C++ start-up lines stay out of the console unless asked for (before TF loads).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if __name__ == "__main__":  # before JAX and TensorFlow allocate (tools/allocator.py says why)
+  from eesmm_jax.tools import allocator
+  allocator.setup()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
@@ -69,7 +73,7 @@ def main(argv):
   try:
     if mode == "pretrain":
       from eesmm_jax import train
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      train.pretrain(FLAGS.config, FLAGS.workdir)
     else:  # 'finetune', 'eval', 'probe' (configs/finetune_*.py, configs/linear_probe_*.py)
       from eesmm_jax import finetune
       finetune.run(FLAGS.config, FLAGS.workdir)

@@ -345,7 +345,7 @@ def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Calla
                                    config.loss_type)
       aux["loss_mix"] = masked_reconstruction_loss(mix_sums, hidden, in_chans)[0]
       loss = loss + config.mix_loss_weight * aux["loss_mix"]
-    # What the trainer logs beside the loss (core.make_train_step).
+    # What the trainer logs beside the loss (step.make_train_step).
     aux["metrics"] = {f"loss_component_{k}": per_component[k] for k in range(n)}
     if "loss_mix" in aux:
       aux["metrics"]["loss_mix"] = aux["loss_mix"]

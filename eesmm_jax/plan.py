@@ -4,7 +4,7 @@ Every check happens here, before anything compiles or reads an image, and every 
 computed here once: the loops (`train.py`, `finetune.py`) and the benchmark read them from the
 `Plan`. Each bad value raises one ValueError naming the key and what would be accepted.
 
-    mesh = core.make_mesh()
+    mesh = sharding.make_mesh()
     p = plan.pretraining(config, mesh, workdir)   # finetune.plan_finetuning for the other modes
     p.total_steps, p.steps_per_epoch, p.tx, p.state_sharding, ...
 """
@@ -19,7 +19,9 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from eesmm_jax import core, data, masking, objectives, optim
+from eesmm_jax import data, masking, objectives, optim
+from eesmm_jax import sharding
+from eesmm_jax import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +39,8 @@ class Plan:
   tx: Any
   schedule: Callable
   accum_steps: int
-  state_shapes: core.TrainState   # ShapeDtypeStructs
-  state_sharding: core.TrainState
+  state_shapes: step_lib.TrainState   # ShapeDtypeStructs
+  state_sharding: step_lib.TrainState
   num_classes: int = 0
   group: int = 1                  # rows that belong together in a batch (EESMM: the n images)
 
@@ -54,11 +56,11 @@ class Plan:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
-  def new_state(self, rng: jax.Array, params=None) -> core.TrainState:
+  def new_state(self, rng: jax.Array, params=None) -> step_lib.TrainState:
     """Step 0 from `rng` (the state's shapes are this function's): fresh params, or `params`."""
     init_rng, state_rng = jax.random.split(rng)
     params = self.init_params(init_rng) if params is None else params
-    return core.new_train_state(params, self.tx, state_rng, self.config.dtype)
+    return step_lib.new_train_state(params, self.tx, state_rng, self.config.dtype)
 
 
 def check_run_config(config: ml_collections.ConfigDict, trains: bool = True) -> None:
@@ -114,14 +116,14 @@ def build(config, mesh, workdir, *, encoder, model, loss_fn, init_params, source
               state_sharding=None, num_classes=num_classes, group=group)
   state_shapes = jax.eval_shape(plan.new_state, jax.random.key_data(jax.random.key(0)))
   return dataclasses.replace(plan, state_shapes=state_shapes,
-                             state_sharding=core.state_shardings(state_shapes, mesh, config.fsdp))
+                             state_sharding=sharding.state_shardings(state_shapes, mesh, config.fsdp))
 
 
 def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] = None,
                 **encoder_overrides) -> Plan:
   """SimMIM / EESMM pretraining as `config` says, checked; `workdir` None plans without one
   (the benchmark). `encoder_overrides` change encoder fields (the benchmark's attention)."""
-  encoder = core.create_encoder(config, num_classes=0, use_mask_token=True, **encoder_overrides)
+  encoder = step_lib.create_encoder(config, num_classes=0, use_mask_token=True, **encoder_overrides)
   c = config.objective
   try:
     masking.check_mask_args(config.img_size, c.mask_patch_size, encoder.patch_size, c.mask_ratio)

@@ -3,14 +3,14 @@
 plan (config checked, model, objective, data size, steps, optimizer, shardings; `plan.py`) ->
 checkpoint restore (or init) -> jitted, sharded train step -> loop (metrics, pictures,
 checkpoints). What the loop is built from is shared with fine-tuning and the benchmark
-(`core.py`).
+(`step.py`).
 
 The batch is sharded over the mesh's `data` axis and the params are replicated; the step is one
 `jax.jit` with explicit shardings, and XLA inserts the gradient all-reduce. Per-process numpy
 batches become global arrays with `jax.make_array_from_process_local_data`, so the same code
 runs on one CPU, on 4 V100s and on several hosts (`jax.distributed`).
 
-Resuming is exact: the data order is a pure function of (seed, step) (see input_pipeline), the
+Resuming is exact: the data order is a pure function of (seed, step) (see data/tfdata.py), the
 step rng is `fold_in(rng, step)`, and the checkpoint holds params, optimizer state, step and rng.
 """
 
@@ -21,15 +21,18 @@ import time
 import jax
 import ml_collections
 
-from eesmm_jax import core, data, pictures, plan as plan_lib
+from eesmm_jax import data, pictures, plan as plan_lib
+from eesmm_jax import sharding
+from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
+from eesmm_jax.models import weights
 
 # ----------------------------------------------------------------------------------------------
 # The run.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
-                       stop_after: int | None = None) -> core.TrainState:
+def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
+                       stop_after: int | None = None) -> step_lib.TrainState:
   """Pretrains as `config` says, resuming from `workdir` if it holds a checkpoint.
 
   `devices` restricts the mesh (tests compare 1 and 8 devices in one process). `stop_after`
@@ -37,7 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   still spans the whole run.
   """
   # --- The plan: config checked, every run quantity computed, before anything compiles.
-  p = plan_lib.pretraining(config, core.make_mesh(devices), workdir)
+  p = plan_lib.pretraining(config, sharding.make_mesh(devices), workdir)
   workdir, steps = p.workdir, p.total_steps
 
   # --- Checkpoint restore, or init (optionally from pretrained encoder weights).
@@ -46,9 +49,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state = jax.jit(p.new_state, out_shardings=p.state_sharding)(rng)
     if not config.init_from:
       return state
-    loaded, _ = core.load_weights(config.init_from, p.encoder)
+    loaded, _ = weights.load_weights(config.init_from, p.encoder)
     params = {**state.params,
-              "encoder": core.merge_params(jax.device_get(state.params["encoder"]), loaded)}
+              "encoder": weights.merge_params(jax.device_get(state.params["encoder"]), loaded)}
     return jax.jit(p.new_state, out_shardings=p.state_sharding)(rng, params)
 
   with workdir_lib.Run(p, init) as run:  # lock, config.json, restore (or init), metrics log
@@ -59,19 +62,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     images_shape = jax.ShapeDtypeStruct(
         (config.batch_size, config.img_size, config.img_size, p.encoder.in_chans),
         jax.numpy.uint8, sharding=p.data_sharding)
-    train_step = core.compile_train_step(p, state, images_shape)
+    train_step = step_lib.compile_train_step(p, state, images_shape)
     picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])
 
     # --- Loop.
-    batches = core.prefetch(
+    batches = step_lib.prefetch(
         data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
                                       source=p.source),
-        lambda batch: core.global_batch_from_local(batch["image"], p.data_sharding))
+        lambda batch: sharding.global_batch_from_local(batch["image"], p.data_sharding))
     # Unreadable files a folder source skips (logged by name when it was listed).
     num_bad_images = len(p.source.bad_images)
     picture_batch = None
     last = steps if stop_after is None else min(steps, stop_after)
-    core.line_up_processes("first step")
+    sharding.line_up_processes("first step")
     run.log.start(start)
     for step in range(start + 1, last + 1):
       images = next(batches)

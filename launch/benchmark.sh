@@ -2,7 +2,7 @@
 # Timing tables (SimMIM vs EESMM, JAX vs the PyTorch reference) on this machine.
 #   launch/benchmark.sh                      # cpu-small preset into ./timing_cpu-small
 #   launch/benchmark.sh --preset gpu --out /tmp/timing --backbones swin_base
-# Any flag of `python -m eesmm_jax.benchmark --help` passes through; --preset and --out default.
+# Any flag of `python -m eesmm_jax.tools.benchmark --help` passes through; --preset and --out default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 preset=cpu-small
@@ -16,4 +16,4 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-exec python -m eesmm_jax.benchmark --preset "$preset" --out "${out:-timing_$preset}" "${args[@]}"
+exec python -m eesmm_jax.tools.benchmark --preset "$preset" --out "${out:-timing_$preset}" "${args[@]}"

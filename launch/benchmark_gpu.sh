@@ -23,15 +23,15 @@ export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 # JAX and torch share the GPU in one process: JAX's pool gets half of it, torch the rest.
 # (peak_bytes_in_use counts live buffers, not the pool, so the per-cell peaks stay meaningful.)
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
-"$py" -m eesmm_jax.benchmark --preset gpu --backbones swin_base --out "$out" \
+"$py" -m eesmm_jax.tools.benchmark --preset gpu --backbones swin_base --out "$out" \
   --time_budget "${TIME_BUDGET:-0}" 2>&1 | tee "$out/log.txt"
 status=${PIPESTATUS[0]}
-"$py" -m eesmm_jax.benchmark --preset gpu --backbones swin_base --sizes 192/6 --methods simmim \
+"$py" -m eesmm_jax.tools.benchmark --preset gpu --backbones swin_base --sizes 192/6 --methods simmim \
   --torch none --remat none,full --loop --steps 5 --warmup 1 --out "$out/remat" 2>&1 \
   | tee -a "$out/log.txt"
 echo "wrote $out/timing.{json,md,png} and $out/remat (exit $status, ${PIPESTATUS[0]})"
 # Swin-L (48 images per step), and cuDNN's fused attention (Swin-B 192/6: window area 36 is
 # even; 224/7's 49 stays on XLA), each a separate run:
-#   python -m eesmm_jax.benchmark --preset gpu --backbones swin_large --out "$out/large"
-#   python -m eesmm_jax.benchmark --preset gpu --backbones swin_base --sizes 192/6 \
+#   python -m eesmm_jax.tools.benchmark --preset gpu --backbones swin_large --out "$out/large"
+#   python -m eesmm_jax.tools.benchmark --preset gpu --backbones swin_base --sizes 192/6 \
 #     --torch none --attention cudnn --out "$out/cudnn"

@@ -18,7 +18,7 @@
 #   eesmm2_b192_200ep    200 x 0.47 =  94
 #   3 fine-tunings       3 x 100 x 2.8 = 840
 #   total                about 1,180 V100-hours (about 12 days on 4 V100s)
-# XLA's FLOP counts agree on the pretraining ratio: `python -m eesmm_jax.flops` puts EESMM
+# XLA's FLOP counts agree on the pretraining ratio: `python -m eesmm_jax.tools.flops` puts EESMM
 # n = 2's train step at about half of SimMIM's per image. Measure your own hardware first with
 # `launch/benchmark_gpu.sh` (images/s and device-hours per epoch per cell).
 set -euo pipefail

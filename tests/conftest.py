@@ -20,10 +20,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # process start (the rest of the tuning, mallopt at import, applies whenever it runs).
 os.environ.setdefault("MALLOC_ARENA_MAX", "1")
 
-# The CPU allocator (eesmm_jax/allocator.py) is set up when eesmm_jax is imported. glibc's
-# one-arena setting only binds threads that have not allocated yet, so import it before
-# PyTorch, TensorFlow and JAX start theirs.
-import eesmm_jax  # noqa: E402,F401
+# The CPU allocator (eesmm_jax/tools/allocator.py), as the entry points set it up: glibc's
+# one-arena setting only binds threads that have not allocated yet, so before PyTorch,
+# TensorFlow and JAX start theirs.
+from eesmm_jax.tools import allocator  # noqa: E402
+
+allocator.setup()
 
 # torchvision (which timm imports) crashes the interpreter when TensorFlow was loaded first, so
 # the PyTorch reference is loaded before any test module pulls TensorFlow in.
@@ -33,22 +35,43 @@ except ImportError:  # the parity tests then fail on their own import, loudly
   pass
 
 
-# The heaviest files first (seconds each on the 2-core VM, 2026-11-27, sixth session): each
-# xdist worker takes whole files in collection order, so a heavy file collected last leaves the
-# other worker idle at the end of the run. Longest first is the usual remedy; the rest keep
-# their order.
-HEAVIEST_FIRST = ("test_scale_out.py",    # 453 s
-                  "test_reliability.py",  # 323
-                  "test_study.py",        # 296 (262 of it its module fixture's quick run)
-                  "test_core.py",         # 293
-                  "test_finetune.py",     # 270
-                  "test_workdir.py",      # 211
-                  "test_train.py",        # 170
-                  "test_benchmark.py")    # 162
+# Longest files first: each xdist worker takes whole files in collection order, so a heavy file
+# collected last leaves the other worker idle at the end of the run. How long each file took is
+# read from pytest's own cache (written at the end of every run); a file the cache does not know
+# yet goes first if it is marked slow.
+DURATIONS_KEY = "eesmm/seconds_per_file"
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+  seconds = config.cache.get(DURATIONS_KEY, {}) if config.cache else {}
+  unknown_slow = max(seconds.values(), default=0.0) + 1.0
+
   def rank(item):
-    name = item.path.name
-    return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+    path = item.nodeid.split("::")[0]
+    if path in seconds:
+      return -seconds[path]
+    return -unknown_slow if item.get_closest_marker("slow") else 0.0
   items.sort(key=rank)  # stable: tests inside a file keep their order
+
+
+def pytest_configure(config):
+  config._eesmm_seconds = {}
+
+
+def pytest_runtest_logreport(report):
+  # On the controlling process (xdist forwards its workers' reports) and in a plain run alike.
+  seconds = pytest_runtest_logreport.config._eesmm_seconds
+  path = report.nodeid.split("::")[0]
+  seconds[path] = seconds.get(path, 0.0) + report.duration
+
+
+def pytest_sessionstart(session):
+  pytest_runtest_logreport.config = session.config
+
+
+def pytest_sessionfinish(session):
+  config = session.config
+  if hasattr(config, "workerinput") or not config.cache or not config._eesmm_seconds:
+    return
+  merged = {**config.cache.get(DURATIONS_KEY, {}), **config._eesmm_seconds}
+  config.cache.set(DURATIONS_KEY, {k: round(v, 1) for k, v in merged.items()})

@@ -1,0 +1,1 @@
+"""Tests of the tools: benchmark, study, allocator."""

@@ -1,0 +1,1 @@
+"""Tests of the trainer: step, workdir, runs, scale-out, fine-tuning."""
