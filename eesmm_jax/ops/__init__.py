@@ -1,0 +1,1 @@
+"""Fused and CPU-tuned forms of the model's operations."""
