@@ -52,7 +52,7 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Rematerialisation of the encoder blocks in the backward pass: 'none', 'full' (keeps each
   # block's input only) or 'dots' (also the weight matmuls' outputs). Temporaries of a Swin-B
   # 192/6 train step at batch 8 (XLA's memory analysis): 2,342 / 1,360 / 1,900 MiB; the time it
-  # costs is in docs/timing.md ("Rematerialisation").
+  # costs is in docs/performance.md.
   c.model.remat = "none"
   # Set these to override the named variant (e.g. a tiny Swin for tests and the demo).
   c.model.embed_dim = ml_collections.config_dict.placeholder(int)

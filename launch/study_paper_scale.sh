@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study's protocol at the paper's scale (issue 11; not run by us): on ImageNet-1k, SimMIM
+# The study's protocol at the paper's scale (not run by us): on ImageNet-1k, SimMIM
 # Swin-B 192 for 100 epochs against EESMM n = 2 for 100 and for 200 epochs, then SimMIM's
 # 100-epoch fine-tuning at 224 of each encoder, and one table of top-1.
 #

@@ -54,23 +54,22 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=rank)  # stable: tests inside a file keep their order
 
 
+_config = None  # this process's pytest config: the report hook receives none
+
+
 def pytest_configure(config):
-  config._eesmm_seconds = {}
+  global _config
+  _config, config._eesmm_seconds = config, {}
 
 
 def pytest_runtest_logreport(report):
   # On the controlling process (xdist forwards its workers' reports) and in a plain run alike.
-  seconds = pytest_runtest_logreport.config._eesmm_seconds
+  seconds = _config._eesmm_seconds
   path = report.nodeid.split("::")[0]
   seconds[path] = seconds.get(path, 0.0) + report.duration
 
 
-def pytest_sessionstart(session):
-  pytest_runtest_logreport.config = session.config
-
-
-def pytest_sessionfinish(session):
-  config = session.config
+def pytest_unconfigure(config):
   if hasattr(config, "workerinput") or not config.cache or not config._eesmm_seconds:
     return
   merged = {**config.cache.get(DURATIONS_KEY, {}), **config._eesmm_seconds}

@@ -3,7 +3,7 @@
 XLA:CPU takes each execution's scratch buffer (about 940 MiB for the cpu-small SimMIM step) from
 malloc. glibc serves a block that large with a fresh `mmap` and gives it back with `munmap`, so
 every step faults every page in again: about 250,000 minor page faults and 0.9 CPU-seconds in the
-kernel per step on the 2-core development VM (docs/timing.md, "The CPU allocator").
+kernel per step on the 2-core development VM (docs/performance.md).
 
 The entry points that run heavy CPU work call `setup()` first, before JAX, TensorFlow or
 PyTorch allocate (`python -m eesmm_jax.main`, the demo, the benchmark, the kernel bench, the
@@ -21,7 +21,7 @@ at process start, so they would need a re-exec):
                           PyTorch start theirs.
 
 The price: the process's resident memory stays at its peak until it exits, and as large blocks
-now share one heap with small ones, a fragmented heap can raise that peak (docs/timing.md).
+now share one heap with small ones, a fragmented heap can raise that peak (docs/performance.md).
 
 `EESMM_ALLOCATOR=system` leaves the allocator as it comes (`auto`, the default, and `glibc`
 tune it). Where the C library is not glibc (macOS, musl) or malloc is not glibc's (an allocator
