@@ -67,16 +67,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
 
 def path_names(path: PathLike) -> tuple[str, ...]:
   """('layers_2', 'blocks_5', 'attn', 'qkv', 'kernel') from a jax key path, names or 'a/b/c'."""
-  if isinstance(path, str):
-    return tuple(p for p in path.split("/") if p)
-  names = []
-  for k in path:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    names.append(str(k))
-  return tuple(names)
+  if not isinstance(path, str):
+    path = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+  return tuple(p for p in path.split("/") if p)
 
 
 def _strip_prefix(names: tuple[str, ...]) -> tuple[str, ...]:

@@ -52,7 +52,9 @@ import numpy as np
 from absl import logging as absl_logging
 
 from eesmm_jax import data
-from eesmm_jax import finetune, probe, train
+from eesmm_jax import finetune
+from eesmm_jax import probe, train
+from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
 from eesmm_jax.configs import demo as demo_config
 from eesmm_jax.tools import benchmark
@@ -214,7 +216,7 @@ def finetune_config(pretrain: ml_collections.ConfigDict, preset: Preset,
 def study_encoder(config: ml_collections.ConfigDict):
   """The Swin of `config.model` as pretraining builds it (mask token, no head): the one place
   the study builds an encoder, for the FLOPs count and the frozen features."""
-  return finetune.create_classifier(config, 0, use_mask_token=True)
+  return step_lib.create_encoder(config, num_classes=0, use_mask_token=True)
 
 
 def encoder_params(encoder, state, seed: int):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from eesmm_jax import convert, finetune
 from eesmm_jax import sharding
+from eesmm_jax import step as step_lib
 from eesmm_jax.data import finetune_input
 from eesmm_jax.data import tfdata
 from eesmm_jax.models import swin
@@ -108,7 +109,7 @@ def test_finetune_input_needs_labels(tmp_path):
 
 def test_eval_counts_every_example_once_over_two_processes(folder):
   config = tiny_config(folder)
-  model = finetune.create_classifier(config, 10)
+  model = step_lib.create_encoder(config, num_classes=10)
   params = finetune.initial_params(config, model, jax.random.key(0))
   mesh = sharding.make_mesh()
   eval_step = jax.jit(finetune.make_eval_step(model))
@@ -152,7 +153,7 @@ def test_converted_timm_checkpoint_gives_timm_logits_at_step_0(folder, tmp_path)
   config = tiny_config(folder, init_from=pth, total_steps=2)
   with jax.default_matmul_precision("highest"):
     state = finetune.run(config, str(tmp_path / "run"), stop_after=0)
-    model = finetune.create_classifier(config, 10)
+    model = step_lib.create_encoder(config, num_classes=10)
     x = torch_ref.images(4, 64)
     ours = np.asarray(jax.jit(model.apply)({"params": state.params}, x))
   with torch.no_grad():
@@ -183,7 +184,7 @@ def test_window_and_size_change_resizes_bias_tables(folder, tmp_path):
   torch.save({"model": state}, pth)
 
   config = tiny_config(folder, img_size=56, **{"model.window_size": 7})
-  model = finetune.create_classifier(config, 10)
+  model = step_lib.create_encoder(config, num_classes=10)
   from_dir = finetune.initial_params(set_keys(config, init_from=workdir), model,
                                      jax.random.key(0))
   from_pth = finetune.initial_params(set_keys(config, init_from=pth), model, jax.random.key(0))

@@ -232,11 +232,13 @@ def test_finetuning_from_a_folder_without_checkpoints_creates_nothing_there(tmp_
   import jax
 
   from eesmm_jax import finetune
+  from eesmm_jax import step as step_lib
   from tests.train.test_finetune import tiny_config as finetune_config
   source = tmp_path / "not_a_run"
   source.mkdir()
   (source / "notes.txt").write_text("x")
   config = finetune_config(str(tmp_path), init_from=str(source))
   with pytest.raises(ValueError, match=r"holds no checkpoint \(no checkpoints/<step>\)"):
-    finetune.initial_params(config, finetune.create_classifier(config, 10), jax.random.key(0))
+    finetune.initial_params(config, step_lib.create_encoder(config, num_classes=10),
+                            jax.random.key(0))
   assert os.listdir(source) == ["notes.txt"]
