@@ -27,8 +27,8 @@ def cfg(**kw):
 
 
 def take(config, global_batch, n, start_step=0, process_index=0, process_count=1):
-  it = ip.create_pretrain_iterator(config, global_batch, start_step, process_index=process_index,
-                                   process_count=process_count)
+  it = data.create_pretrain_iterator(config, global_batch, start_step, process_index=process_index,
+                                     process_count=process_count)
   out = [next(it) for _ in range(n)]
   del it
   return out
