@@ -16,6 +16,7 @@ from PIL import Image
 
 from eesmm_jax import data
 from eesmm_jax.data import tfdata as ip
+from eesmm_jax.tools import images
 
 MEAN, STD = np.array(ip.MEAN_RGB), np.array(ip.STDDEV_RGB)
 
@@ -264,13 +265,13 @@ def test_random_resized_crop_window():
 # ----------------------------------------------------------------------------- demo data
 def test_write_digits_folder(tmp_path):
   root = str(tmp_path / "digits")
-  assert ip.write_digits_folder(root) == root
+  assert images.write_digits_folder(root) == root
   train, train_labels, classes = ip.list_folder(root, "train")
   test, _, _ = ip.list_folder(root, "test")
   assert (len(train), len(test)) == (1437, 360) and classes == [str(d) for d in range(10)]
   assert Image.open(train[0]).size == (32, 32) and Image.open(train[0]).mode == "RGB"
   stamp = os.path.getmtime(train[0])
-  ip.write_digits_folder(root)  # present: untouched
+  images.write_digits_folder(root)  # present: untouched
   assert os.path.getmtime(train[0]) == stamp
   (b,) = take(cfg(dataset="folder", data_dir=root, split="test", img_size=32), 8, 1)
   assert b["image"].shape == (8, 32, 32, 3) and set(b["label"]) <= set(range(10))

@@ -19,14 +19,14 @@ from PIL import Image
 
 from tests import FAST_COMPILE
 
+pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
 STUB = """\
 #!{python}
 import os, signal, sys, time
-
-pytestmark = pytest.mark.slow  # whole runs: the full suite, not the fast tier
 if sys.argv[1] == "-c":  # the launcher's checks (import eesmm_jax, a free port)
   exec(sys.argv[2])
   sys.exit(0)

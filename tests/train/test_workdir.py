@@ -12,7 +12,7 @@ import sys
 import orbax.checkpoint as ocp
 import pytest
 
-from eesmm_jax import train, workdir
+from eesmm_jax import checkpoints, train, workdir
 from tests.train.test_reliability import ROOT, cli, env, run_until
 from tests.train.test_train import losses, tiny_config
 
@@ -101,13 +101,13 @@ def test_a_checkpoint_without_metadata_is_called_corrupt_not_another_model(
 
 def test_disk_full_stops_at_the_save_and_the_previous_checkpoint_restores(
     tmp_path, monkeypatch):
-  real, calls = workdir.shutil.disk_usage, []
+  real, calls = checkpoints.shutil.disk_usage, []
 
   def disk_usage(path):  # full from the second save on
     calls.append(path)
     return real(path)._replace(free=1000) if len(calls) > 1 else real(path)
 
-  monkeypatch.setattr(workdir.shutil, "disk_usage", disk_usage)
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", disk_usage)
   with pytest.raises(workdir.CheckpointError) as e:
     train.pretrain(tiny_config(total_steps=8, checkpoint_every=2), str(tmp_path))
   message = str(e.value)
