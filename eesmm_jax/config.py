@@ -54,6 +54,12 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # 192/6 train step at batch 8 (XLA's memory analysis): 2,342 / 1,360 / 1,900 MiB; the time it
   # costs is in docs/performance.md.
   c.model.remat = "none"
+  # The backend-specific forms (eesmm_jax.ops): `impl` of the Linear and LayerNorm layers
+  # ('xla' | 'xla_cpu'), `attention_impl` of the window attention ('xla' | 'xla_cpu' | 'cudnn' |
+  # 'pallas'). 'auto' picks by the devices the run plans its mesh over: 'xla_cpu' on CPUs, else
+  # 'xla' (the portable forms).
+  c.model.impl = "auto"
+  c.model.attention_impl = "auto"
   # Set these to override the named variant (e.g. a tiny Swin for tests and the demo).
   c.model.embed_dim = ml_collections.config_dict.placeholder(int)
   c.model.depths = ml_collections.config_dict.placeholder(tuple)

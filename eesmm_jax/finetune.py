@@ -115,7 +115,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
 
 def plan_finetuning(config, mesh, workdir: str, num_classes: int) -> plan_lib.Plan:
   """Fine-tuning's plan (`_check` done): the classifier, its loss, steps, optimizer, state."""
-  model = step_lib.create_encoder(config, num_classes=num_classes)
+  model = step_lib.create_encoder(config, mesh, num_classes=num_classes)
   x = jnp.zeros((1, model.img_size, model.img_size, model.in_chans), jnp.float32)
   return plan_lib.build(config, mesh, workdir, encoder=model, model=model,
                         loss_fn=make_loss_fn(model, num_classes, config.aug),
@@ -223,7 +223,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, devices=None,
 
 def evaluate_checkpoint(config, workdir: str, mesh, num_classes: int) -> dict:
   """'eval': top-1 / top-5 of init_from on data.eval_split -> <workdir>/eval.json."""
-  model = step_lib.create_encoder(config, num_classes=num_classes)
+  model = step_lib.create_encoder(config, mesh, num_classes=num_classes)
   params = initial_params(config, model, jax.random.PRNGKey(config.seed), need_head=True)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   result = evaluate(jax.jit(make_eval_step(model)), params, _eval_batches(config),

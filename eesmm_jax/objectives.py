@@ -128,7 +128,7 @@ def build_model(config: ml_collections.ConfigDict, encoder) -> MIMModel:
   else:
     decoder = TransformerDecoder(outputs, stride, encoder.in_chans, config.decoder_dim,
                                  config.decoder_depth, config.decoder_num_heads,
-                                 dtype=encoder.dtype)
+                                 dtype=encoder.dtype, impl=encoder.impl)
   return MIMModel(encoder=encoder, decoder=decoder)
 
 

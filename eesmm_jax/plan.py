@@ -123,7 +123,8 @@ def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] 
                 **encoder_overrides) -> Plan:
   """SimMIM / EESMM pretraining as `config` says, checked; `workdir` None plans without one
   (the benchmark). `encoder_overrides` change encoder fields (the benchmark's attention)."""
-  encoder = step_lib.create_encoder(config, num_classes=0, use_mask_token=True, **encoder_overrides)
+  encoder = step_lib.create_encoder(config, mesh, num_classes=0, use_mask_token=True,
+                                    **encoder_overrides)
   c = config.objective
   try:
     masking.check_mask_args(config.img_size, c.mask_patch_size, encoder.patch_size, c.mask_ratio)

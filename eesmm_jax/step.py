@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax.training.dynamic_scale import DynamicScale
 
+from eesmm_jax import ops
 from eesmm_jax.models import swin
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,8 +47,13 @@ class NonFiniteError(RuntimeError):
 # Model and state.
 
 
-def create_encoder(config, **overrides) -> swin.SwinTransformer:
-  """The Swin named by config.model, with any of its fields that are set overriding the variant."""
+def create_encoder(config, mesh: Optional[jax.sharding.Mesh] = None,
+                   **overrides) -> swin.SwinTransformer:
+  """The Swin named by config.model, with any of its fields that are set overriding the variant.
+
+  config.model.impl and .attention_impl (or an `impl=` / `attention_impl=` override) of 'auto'
+  resolve here, once, for the devices of `mesh` (`ops.for_platform`); without a mesh, for
+  jax.devices()[0], where a plain jax.jit runs (the probes' feature extraction)."""
   m = config.model
   if config.dtype not in DTYPES:
     raise ValueError(f"config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
@@ -60,6 +66,10 @@ def create_encoder(config, **overrides) -> swin.SwinTransformer:
     if m.get(key) is not None:
       kwargs[key] = tuple(m[key]) if key != "embed_dim" else m[key]
   kwargs.update(overrides)
+  device = (jax.devices() if mesh is None else mesh.devices.flat)[0]
+  for key, check in (("impl", ops.check_impl), ("attention_impl", ops.check_attention_impl)):
+    value = check(kwargs.get(key, m.get(key, "auto")), f"config.model.{key}", allow_auto=True)
+    kwargs[key] = ops.for_platform(device.platform) if value == "auto" else value
   try:
     return swin.create_model(m.name, **kwargs)
   except ValueError as e:

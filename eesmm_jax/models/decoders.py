@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eesmm_jax import ops
 from eesmm_jax.models import swin
 
 Dtype = Any
@@ -72,12 +73,14 @@ class DecoderBlock(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  impl: str = "xla"  # the Linear layers' form (ops.IMPLS)
 
   @nn.compact
   def __call__(self, x):
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    dense = functools.partial(swin.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+    dense = functools.partial(ops.layers(self.impl).dense, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     y = norm(name="norm1")(x)
     x = x + nn.MultiHeadDotProductAttention(
@@ -106,19 +109,21 @@ class TransformerDecoder(nn.Module):
   num_heads: int = 16
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  impl: str = "xla"  # the Linear layers' form (ops.IMPLS), as the encoder's
 
   @nn.compact
   def __call__(self, z):
     b, h, w, _ = z.shape
     if h != w:
       raise ValueError(f"TransformerDecoder expects a square feature map, got {h}x{w}")
-    dense = functools.partial(swin.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+    dense = functools.partial(ops.layers(self.impl).dense, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     x = dense(self.dim, name="embed")(z.reshape(b, h * w, -1))
     x = x + jnp.asarray(sincos_pos_embed_2d(h, self.dim), x.dtype)[None]
     for i in range(self.depth):
       x = DecoderBlock(self.dim, self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"blocks_{i}")(x)
+                       impl=self.impl, name=f"blocks_{i}")(x)
     x = nn.LayerNorm(epsilon=1e-6, name="norm", dtype=self.dtype,
                      param_dtype=self.param_dtype)(x)
     x = dense(self.num_outputs * self.in_chans * self.stride ** 2, name="pred")(x)

@@ -52,7 +52,7 @@ if __name__ == "__main__":  # before JAX and TensorFlow allocate (tools/allocato
 
 import jax
 
-from eesmm_jax import plan
+from eesmm_jax import ops, plan
 from eesmm_jax import sharding
 from eesmm_jax import step as step_lib
 from eesmm_jax.config import pretrain_config
@@ -216,7 +216,7 @@ def cell_config(backbone: str, img_size: int, window: int, num_mix: int, batch: 
   return config
 
 
-def flops_per_image(lowered, batch: int, config=None, attention: Optional[str] = None
+def flops_per_image(lowered, batch: int, config=None, impls: Optional[dict] = None
                     ) -> Optional[float]:
   """XLA's count of the whole step before optimisation (before SPMD partitioning, so for the
   global batch) per image: the same on every backend and mesh. The compiled program's count is
@@ -225,12 +225,12 @@ def flops_per_image(lowered, batch: int, config=None, attention: Optional[str] =
 
   Backends behind the PJRT C API (JAX 0.11's CUDA plugin) have no cost analysis before
   compilation (`lowered.cost_analysis()` is None: every cell of the eighth session's second H200
-  run), so with `config` the same step is traced again for one CPU device and counted there.
+  run), so with `config` the same step is traced again for one CPU device and counted there,
+  with the encoder's forms `impls` (its `impl` and `attention_impl`; None: 'auto' for the CPU).
   None where that fails too (a cuDNN custom call has no CPU lowering)."""
   cost = lowered.cost_analysis()
   if not cost and config is not None:
-    p = plan.pretraining(config, sharding.make_mesh(jax.devices("cpu")[:1]),
-                         attention_impl=attention)
+    p = plan.pretraining(config, sharding.make_mesh(jax.devices("cpu")[:1]), **(impls or {}))
     state = jax.eval_shape(p.new_state, jax.random.PRNGKey(0))
     images = jax.ShapeDtypeStruct((batch, config.img_size, config.img_size, 3),
                                   jax.numpy.uint8, sharding=p.data_sharding)
@@ -251,7 +251,7 @@ def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   (`core`), at SimMIM's AdamW recipe. Returns (config, plan, state, a uint8 device batch, the
   lowered and the compiled step, compile seconds)."""
   config = cell_config(backbone, img_size, window, num_mix, batch, dtype, data, data_dir, remat)
-  p = plan.pretraining(config, sharding.make_mesh(), attention_impl=attention)
+  p = plan.pretraining(config, sharding.make_mesh(), attention_impl=attention or "auto")
   state = jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(0))
   # uint8 pixels, as the trainer's input sends them (the step normalises them first).
   images = jax.jit(lambda k: jax.random.randint(k, (batch, img_size, img_size, 3), 0, 256)
@@ -273,6 +273,7 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   config, p, state, images, lowered, compiled, compile_time = jax_step(
       backbone, img_size, window, num_mix, batch, dtype, data, data_dir, attention, remat)
   mesh, data_sharding = p.mesh, p.data_sharding
+  impls = dict(impl=p.encoder.impl, attention_impl=p.encoder.attention_impl)  # the FLOP recount's
 
   if data == "device":
     next_images = lambda: images
@@ -303,7 +304,7 @@ def jax_cell(backbone: str, img_size: int, window: int, num_mix: int, batch: int
       peak, source = step_lib.step_bytes(compiled), "xla memory_analysis (args + outputs + temps)"
     holder.clear()
     gc.collect()
-    flops = flops_per_image(lowered, batch, config, attention)
+    flops = flops_per_image(lowered, batch, config, impls)
     cell = dict(compile_time_s=compile_time, flops_per_image=flops,
                 peak_bytes=peak, peak_bytes_source=source, loss=loss,
                 finite=math.isfinite(loss), loss_scale=loss_scale, remat=remat,
@@ -608,10 +609,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="'device' (one random batch kept on the device: no input pipeline) or a "
                       "dataset of input_pipeline (cifar10, imagenet2012, folder, synthetic)")
   p.add_argument("--data_dir", help="TFDS data_dir or image folder for --data")
-  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                 help="JAX attention: the model's default (auto: its own backward on a CPU, "
-                      "XLA einsums elsewhere), XLA einsums with autodiff, or cuDNN's fused "
-                      "kernel where it applies (GPU, Ampere+, 16-bit, even window area)")
+  p.add_argument("--attention", default="auto", choices=("auto",) + ops.ATTENTION_IMPLS,
+                 help="JAX attention (eesmm_jax.ops): auto (its own backward on a CPU, XLA "
+                      "einsums elsewhere), xla (einsums, autodiff), xla_cpu, cudnn (cuDNN's "
+                      "fused kernel where it applies: GPU, Ampere+, 16-bit, even window area) or "
+                      "pallas (the fused Pallas kernel)")
   p.add_argument("--remat", default="none",
                  help="comma list of model.remat values (none, full, dots): one JAX cell each")
   p.add_argument("--loop", action="store_true",

@@ -43,6 +43,7 @@ import numpy as np
 from eesmm_jax import sharding
 from eesmm_jax import step as step_lib
 from eesmm_jax.models import swin
+from eesmm_jax.ops import xla_cpu
 
 
 def _median_ms(call) -> float:
@@ -59,8 +60,8 @@ def _layer_norms():
     xc = x - x.mean(-1, keepdims=True)
     return xc * jax.lax.rsqrt((xc * xc).mean(-1, keepdims=True) + 1e-5) * s + b
 
-  def own_backward(x, s, b):  # swin.LayerNorm on a CPU: every sum a matmul
-    return swin.layer_norm_cpu(x, s, b, 1e-5)
+  def own_backward(x, s, b):  # xla_cpu.CpuLayerNorm: every sum a matmul
+    return xla_cpu.layer_norm_cpu(x, s, b, 1e-5)
 
   return {"flax nn.LayerNorm": flax_ln, "two-pass jnp": two_pass,
           "own backward (ours)": own_backward}
@@ -99,10 +100,10 @@ def _linears():
     return jnp.dot(x, w) + b
 
   def flat(x, w, b):  # tokens merged into one axis first
-    return swin.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))) + b
+    return xla_cpu.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))) + b
 
-  def bias_matmul(x, w, b):  # swin.Dense on a CPU: also the bias gradient as ones @ g
-    return swin.add_bias(swin.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))), b)
+  def bias_matmul(x, w, b):  # xla_cpu.CpuDense: also the bias gradient as ones @ g
+    return xla_cpu.add_bias(xla_cpu.token_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))), b)
 
   return {"x @ W + b": dense, "tokens flat": flat, "bias grad matmul (ours)": bias_matmul}
 
@@ -110,14 +111,14 @@ def _linears():
 def _attentions():
   """Window attention at stage 1 of the step (768 windows of 36 or 49 tokens, 2 heads of 32),
   from the qkv projection's output [windows, N, 3, heads, head_dim] and the bias [nW, heads, N,
-  N]: the einsum layouts (autodiff), and `swin.window_attention_cpu` (its own backward)."""
+  N]: the einsum layouts (autodiff), and `xla_cpu.window_attention_cpu` (its own backward)."""
   def core(q, k, v, bias, spec, out_spec):  # spec: the layout of q, k and v
     (nw, h, n, _), b, kv_spec = bias.shape, q.shape[0], spec.replace("n", "m")
     attn = jnp.einsum(f"{spec},{kv_spec}->bhnm", q * q.shape[-1] ** -0.5, k)
     attn = jax.nn.softmax(attn.reshape(b // nw, nw, h, n, n) + bias, axis=-1)
     return jnp.einsum(f"bhnm,{kv_spec}->{out_spec}", attn.reshape(b, h, n, n), v)
 
-  def heads_minor(qkv, bias):  # models.swin.WindowAttention: [b, N, heads, d], no transpose
+  def heads_minor(qkv, bias):  # attention_impl='xla': [b, N, heads, d], no transpose
     x = core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, "bnhd", "bnhd")
     return x.reshape(x.shape[0], x.shape[1], -1)
 
@@ -131,8 +132,8 @@ def _attentions():
     x = core(q, k, v, bias, "bhnd", "bhnd").transpose(0, 2, 1, 3)
     return x.reshape(x.shape[0], x.shape[1], -1)
 
-  def own_backward(qkv, bias):  # models.swin's default on a CPU
-    return swin.window_attention_cpu(qkv, bias, qkv.shape[-1] ** -0.5)
+  def own_backward(qkv, bias):  # attention_impl='xla_cpu'
+    return xla_cpu.window_attention_cpu(qkv, bias, qkv.shape[-1] ** -0.5)
 
   return {"heads minor (einsums)": heads_minor, "q, k, v transposed": heads_major,
           "one qkv transpose": one_transpose, "own backward (ours)": own_backward}

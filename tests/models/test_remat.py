@@ -67,6 +67,28 @@ def test_same_loss_gradients_and_draws_as_without_remat():
     assert errors[worst] <= 2e-6, f"remat={remat}: {worst} off by {errors[worst]:.3g}"
 
 
+def test_cpu_forms_take_the_same_gradients_under_remat():
+  """The XLA:CPU forms' own backward passes (custom_vjp) inside the checkpointed scan: without
+  dropout, so that the attention takes `window_attention_cpu` too."""
+  forms = dict(impl="xla_cpu", attention_impl="xla_cpu")
+  params = tiny("none", **forms).init(jax.random.key(0), IMAGES)["params"]
+  target = jax.random.normal(jax.random.key(3), (2, 8, 8, 32))
+  results = {}
+  for remat in ("none", "full", "dots"):
+    model = tiny(remat, **forms)
+    loss = lambda p, model=model: jnp.mean(
+        (model.apply({"params": p}, IMAGES, MASK, return_features=True) - target) ** 2)
+    assert "name=window_attention_cpu" in str(jax.make_jaxpr(loss)(params))
+    with jax.default_matmul_precision("highest"):
+      results[remat] = jax.jit(jax.value_and_grad(loss))(params)
+  loss0, grads0 = results["none"]
+  for remat in ("full", "dots"):
+    loss1, grads1 = results[remat]
+    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
+    for g1, g0 in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads0)):
+      assert float(jnp.linalg.norm(g1 - g0)) <= 2e-6 * max(float(jnp.linalg.norm(g0)), 1e-30)
+
+
 def test_param_tree_is_unchanged_and_randomness_only_where_asked():
   shapes = {}
   for remat in ("none", "full", "dots"):

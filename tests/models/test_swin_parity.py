@@ -4,20 +4,28 @@ float32 with `jax.default_matmul_precision('highest')`; weights drawn by `torch_
 that every parameter matters, then loaded with our converter.
 """
 
+import functools
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from eesmm_jax import ops
 from eesmm_jax.convert import flax_to_torch, torch_to_flax
 from tests import torch_ref
 
 pytestmark = pytest.mark.parity
 
+# Every (impl, attention_impl) that runs on a CPU: the portable forms, the XLA:CPU ones, and
+# whatever ops adds to its CPU lists (the Pallas kernel, interpreted, where this checkout has it).
+FORMS = list(itertools.product(ops.CPU_IMPLS, ops.CPU_ATTENTION_IMPLS))
+FORM_IDS = [f"{impl}-{attention}" for impl, attention in FORMS]
+
 
 @pytest.mark.parametrize("variant,img_size,window_size,batch", [
-    ("swin_tiny", 224, 7, 2),
     ("swin_base", 192, 6, 2),  # SimMIM's pretraining shape
     ("swin_base", 224, 7, 1),
 ])
@@ -37,16 +45,48 @@ def test_forward_logits_match_timm(variant, img_size, window_size, batch):
   assert diff <= 1e-4
 
 
-def test_gradients_match_timm_swin_tiny():
+@functools.lru_cache(maxsize=None)
+def timm_tiny_logits():
+  """timm's Swin-T 224/7 (perturbed), two images, and its logits: shared by every form."""
+  ref = torch_ref.timm_swin("swin_tiny", 224, 7)
+  x = torch_ref.images(2, 224)
+  with torch.no_grad():
+    return ref.state_dict(), x, ref(torch_ref.to_nchw(x)).numpy()
+
+
+@pytest.mark.parametrize("impl,attention_impl", FORMS, ids=FORM_IDS)
+def test_every_cpu_form_matches_timm_logits(impl, attention_impl):
+  state, x, expected = timm_tiny_logits()
+  model = torch_ref.flax_model_like("swin_tiny", 224, 7, impl=impl, attention_impl=attention_impl)
+  params = torch_to_flax(state, model)
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(jax.jit(model.apply)({"params": params}, x))
+  diff = np.abs(got - expected).max()
+  print(f"swin_tiny 224/w7 {impl}/{attention_impl}: max |logits diff| = {diff:.3g} "
+        f"(logit scale {np.abs(expected).max():.3g})")
+  assert got.shape == (2, 1000)
+  assert diff <= 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def timm_tiny_gradients():
+  """timm's Swin-T 224/7 with 10 classes, a squared-error loss on two images, and the gradient
+  of every parameter: shared by every form."""
   ref = torch_ref.timm_swin("swin_tiny", 224, 7, num_classes=10)
-  model = torch_ref.flax_model_like("swin_tiny", 224, 7, num_classes=10)
-  params = torch_to_flax(ref.state_dict(), model)
   x = torch_ref.images(2, 224)
   target = np.random.default_rng(3).standard_normal((2, 10)).astype(np.float32)
-
   out = ref(torch_ref.to_nchw(x))
   ((out - torch.from_numpy(target)) ** 2).mean().backward()
   expected = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+  return ref.state_dict(), x, target, expected
+
+
+@pytest.mark.parametrize("impl,attention_impl", FORMS, ids=FORM_IDS)
+def test_gradients_match_timm_swin_tiny(impl, attention_impl):
+  state, x, target, expected = timm_tiny_gradients()
+  model = torch_ref.flax_model_like("swin_tiny", 224, 7, num_classes=10, impl=impl,
+                                    attention_impl=attention_impl)
+  params = torch_to_flax(state, model)
 
   def loss(p):
     return ((model.apply({"params": p}, x) - target) ** 2).mean()
@@ -61,7 +101,7 @@ def test_gradients_match_timm_swin_tiny():
     assert np.linalg.norm(g) > 0, f"{name} gets no gradient in the reference"
     worst = max(worst, (name, rel), key=lambda t: t[1])
     assert rel <= 1e-3, f"{name}: relative gradient error {rel:.3g}"
-  print(f"worst relative gradient error {worst[1]:.3g} at {worst[0]}")
+  print(f"{impl}/{attention_impl}: worst relative gradient error {worst[1]:.3g} at {worst[0]}")
 
 
 class TimmSimMIMEncoder(torch.nn.Module):
