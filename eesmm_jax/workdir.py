@@ -24,8 +24,12 @@ What it guarantees, and the choice made where there was one:
 - A save that cannot complete (disk full, or any I/O error, found before writing when the free
   space is short, else where Orbax reports it) stops the run with one line naming the path and
   the cause; the half-written temporary folder is removed and the previous checkpoint restores.
+- An output the disk refuses (metrics.jsonl, TensorBoard events, a picture: ENOSPC, EIO) stops
+  the run at that step's boundary with a checkpoint, in one line (`metrics.OutputError`); a
+  torn last line of metrics.jsonl is dropped on resume, saying so.
+- A corrupt config.json is refused with the way out, not rebuilt (`read_recorded_config`).
 - SIGTERM, and Ctrl-C, stop the run at the next step boundary with a checkpoint; a second
-  Ctrl-C aborts at once.
+  Ctrl-C aborts at once, in any phase, compilation included (exit status 130).
 - Finiteness is checked without a device-to-host read per step (`FiniteWatch`).
 """
 from __future__ import annotations
