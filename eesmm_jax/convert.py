@@ -17,6 +17,7 @@ Command line (needs the `torch` extra):
   python -m eesmm_jax.convert to-flax simmim_pretrain.pth ckpt_dir --model swin_base \
       --img_size 224 --window_size 7 --num_classes 0 --use_mask_token
   python -m eesmm_jax.convert to-torch ckpt_dir swin.pth --layout timm
+  python -m eesmm_jax.convert to-torch /path/to/workdir encoder.pth   # its latest checkpoint
 """
 
 from __future__ import annotations
@@ -85,9 +86,17 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict, dict]:
   Returns (encoder_state_dict, extra) where extra holds the keys outside the encoder
   (a SimMIM `decoder.*`), under their original names.
   """
+  if not isinstance(checkpoint, Mapping):
+    raise ConversionError(f"holds a {type(checkpoint).__name__}, not a state dict: expected a "
+                          f"dict of parameter names to tensors, as torch.save(model.state_dict(), "
+                          f"path) writes (optionally under 'model' or 'state_dict')")
   for wrapper in ("model", "state_dict"):
     if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
       checkpoint = checkpoint[wrapper]
+  odd = [k for k in checkpoint if not isinstance(k, str)]
+  if odd:
+    raise ConversionError(f"holds a dict keyed by {type(odd[0]).__name__} ({odd[0]!r}), not a "
+                          f"state dict: expected parameter names (str) to tensors")
   if not any(k.startswith("encoder.") for k in checkpoint):
     return dict(checkpoint), {}
   encoder = {k[len("encoder."):]: v for k, v in checkpoint.items() if k.startswith("encoder.")}
@@ -309,6 +318,135 @@ def load_flax(directory: str):
   return jax.tree_util.tree_map(np.asarray, params), model
 
 
+def read_pth(path: str):
+  """What torch.save wrote at `path`, checked to be a state dict (see `unwrap_checkpoint`);
+  ConversionError naming the file when it does not load or holds something else."""
+  import torch  # the `torch` extra
+  try:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  except OSError:
+    raise
+  except Exception as e:  # noqa: BLE001 - pickle, zip and torch's own errors alike
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ConversionError(f"{path} does not load as a PyTorch checkpoint ({first})") from None
+  try:
+    unwrap_checkpoint(checkpoint)
+  except ConversionError as e:
+    raise ConversionError(f"{path} {e}") from None
+  return checkpoint
+
+
+SOURCES = ("a .pth, a `convert to-flax` directory (model.json), or a pretraining / fine-tuning "
+           "workdir (checkpoints/<step>)")
+
+
+def source_kind(path: str) -> str:
+  """'pth', 'convert' or 'workdir': which form of weights `path` is, read from the file system
+  only (cheap: a run checks it while it is planned). ValueError naming `path`, what is wrong
+  and the forms accepted."""
+  if not os.path.exists(path):
+    raise ValueError(f"{path!r} does not exist: give {SOURCES}")
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      head = f.read(4)
+    if not head:
+      raise ValueError(f"{path!r} is an empty file: give {SOURCES}")
+    # torch.save writes a zip archive, or (before torch 1.6, or _use_new_zipfile_serialization
+    # =False) a pickle, whose first byte is the PROTO opcode.
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+      raise ValueError(f"{path!r} is not a PyTorch checkpoint (neither the zip archive nor the "
+                       f"pickle torch.save writes): give {SOURCES}")
+    return "pth"
+  if os.path.exists(os.path.join(path, "model.json")):
+    spec = _read_json(os.path.join(path, "model.json"))
+    if spec is None:
+      raise ValueError(f"{path!r} has a model.json that is not valid JSON (truncated?): "
+                       f"convert again")
+    unknown = sorted(set(spec) - set(MODEL_FIELDS))
+    if unknown:
+      raise ValueError(f"{path!r} has a model.json naming fields no Swin has ({unknown}): not "
+                       f"written by `convert to-flax`")
+    if not os.path.isdir(os.path.join(path, "params")):
+      raise ValueError(f"{path!r} has model.json but no params/ beside it: an incomplete "
+                       f"`convert to-flax` output; convert again")
+    return "convert"
+  steps = _checkpoint_steps(path)
+  if steps:
+    if not os.path.isdir(os.path.join(path, "checkpoints", str(max(steps)), "default")):
+      raise ValueError(f"{path!r} has checkpoints/{max(steps)} without default/ in it: not a "
+                       f"checkpoint of this project's trainer")
+    return "workdir"
+  parent = os.path.dirname(os.path.abspath(path))
+  if any(d.isdigit() for d in os.listdir(path)):
+    raise ValueError(f"{path!r} looks like a checkpoints folder (<workdir>/checkpoints): give "
+                     f"the workdir that holds it, {parent!r}")
+  if os.path.isdir(os.path.join(path, "default")):
+    raise ValueError(f"{path!r} looks like one checkpoint (<workdir>/checkpoints/<step>): give "
+                     f"the workdir, {os.path.dirname(parent)!r}")
+  raise ValueError(f"{path!r} holds no checkpoint (no checkpoints/<step>) and no model.json: "
+                   f"give {SOURCES}")
+
+
+def _read_json(path: str):
+  """The JSON object in `path`, or None where it is not one (torn, corrupt, not an object)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (ValueError, UnicodeDecodeError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _checkpoint_steps(directory: str) -> list[int]:
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+
+
+def latest_checkpoint_params(directory: str) -> dict:
+  """The params of the latest checkpoint of a pretraining or fine-tuning workdir, as numpy; a
+  pretraining checkpoint's encoder (its decoder left out). Reads only: creates nothing there."""
+  import orbax.checkpoint as ocp
+  steps = _checkpoint_steps(directory)
+  if not steps:
+    source_kind(directory)  # raises, saying what the folder is instead
+    raise ValueError(f"{directory!r} holds no checkpoint (no checkpoints/<step>): give a "
+                     f"pretraining or fine-tuning workdir")
+  latest = os.path.join(os.path.abspath(directory), "checkpoints", str(max(steps)), "default")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(latest)["params"]
+  params = params.get("encoder", params)
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def workdir_model(directory: str, params: Mapping) -> swin.SwinTransformer:
+  """The Swin of a workdir's checkpoints: its shape from the workdir's config.json (the config
+  the checkpoints were written under), a head and a mask token where `params` hold them."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{directory!r} has no config.json, which names the model its checkpoints "
+                     f"hold (a workdir from before config.json was kept): convert from a "
+                     f"`convert to-flax` directory instead")
+  flat = _read_json(path)
+  if flat is None:
+    raise ValueError(f"{path} is not valid JSON (truncated?): it names the model of the "
+                     f"checkpoints beside it; restore it, or convert from a `convert to-flax` "
+                     f"directory instead")
+  try:
+    kwargs = dict(img_size=flat["img_size"], patch_size=flat["model.patch_size"],
+                  window_size=flat["model.window_size"])
+    name = flat["model.name"]
+  except KeyError as e:
+    raise ValueError(f"{path} lacks {e.args[0]}: not a config the trainer recorded") from None
+  for key in ("embed_dim", "depths", "num_heads"):
+    value = flat.get(f"model.{key}")
+    if value is not None:
+      kwargs[key] = tuple(value) if key != "embed_dim" else value
+  head = params.get("head", {}).get("kernel")
+  return swin.create_model(name, num_classes=0 if head is None else int(np.shape(head)[-1]),
+                           use_mask_token="mask_token" in params,
+                           ape="absolute_pos_embed" in params, **kwargs)
+
+
 def main(argv=None) -> None:
   import argparse
   parser = argparse.ArgumentParser(prog="python -m eesmm_jax.convert", description=__doc__,
@@ -319,6 +457,7 @@ def main(argv=None) -> None:
   to_flax.add_argument("dst")
   to_flax.add_argument("--model", default="swin_base", choices=sorted(swin.VARIANTS))
   to_flax.add_argument("--img_size", type=int, default=224)
+  to_flax.add_argument("--patch_size", type=int, default=4)
   to_flax.add_argument("--window_size", type=int, default=7)
   to_flax.add_argument("--num_classes", type=int, default=1000)
   to_flax.add_argument("--use_mask_token", action="store_true")
@@ -326,7 +465,8 @@ def main(argv=None) -> None:
   to_flax.add_argument("--embed_dim", type=int, help="override the variant's width")
   to_flax.add_argument("--depths", type=int, nargs="+", help="override the variant's depths")
   to_flax.add_argument("--num_heads", type=int, nargs="+", help="override the variant's heads")
-  to_torch = sub.add_parser("to-torch", help="Orbax checkpoint directory -> .pth")
+  to_torch = sub.add_parser("to-torch", help="a `to-flax` directory, or a pretraining or "
+                           "fine-tuning workdir (its latest checkpoint's encoder) -> .pth")
   to_torch.add_argument("src")
   to_torch.add_argument("dst")
   to_torch.add_argument("--layout", default="timm", choices=LAYOUTS)
@@ -337,21 +477,31 @@ def main(argv=None) -> None:
     overrides = {k: tuple(v) if isinstance(v, list) else v
                  for k, v in vars(args).items()
                  if k in ("embed_dim", "depths", "num_heads") and v is not None}
-    model = swin.create_model(args.model, img_size=args.img_size, window_size=args.window_size,
-                              num_classes=args.num_classes, use_mask_token=args.use_mask_token,
-                              ape=args.ape, **overrides)
-    checkpoint = torch.load(args.src, map_location="cpu", weights_only=True)
+    model = swin.create_model(args.model, img_size=args.img_size, patch_size=args.patch_size,
+                              window_size=args.window_size, num_classes=args.num_classes,
+                              use_mask_token=args.use_mask_token, ape=args.ape, **overrides)
+    checkpoint = read_pth(args.src)
     params, extra = torch_to_flax(checkpoint, model, return_extra=True)
     save_flax(params, model, args.dst)
     if extra:
       print(f"left out {len(extra)} non-encoder tensors: {_preview(sorted(extra))}")
     print(f"wrote {args.dst}")
   else:
-    params, model = load_flax(args.src)
+    if source_kind(args.src) == "pth":
+      raise ValueError(f"{args.src!r} is a file: to-torch reads a `to-flax` directory or a "
+                       f"pretraining / fine-tuning workdir")
+    if source_kind(args.src) == "convert":
+      params, model = load_flax(args.src)
+    else:
+      params = latest_checkpoint_params(args.src)
+      model = workdir_model(args.src, params)
     state = flax_to_torch(params, model, layout=args.layout)
     torch.save({k: torch.tensor(np.asarray(v)) for k, v in state.items()}, args.dst)
-    print(f"wrote {args.dst} ({args.layout} layout, {len(state)} tensors)")
+    note = (" (with mask_token, which a classifier's strict load refuses: pop it, or load it "
+            "as SimMIM's encoder.mask_token)" if "mask_token" in state else "")
+    print(f"wrote {args.dst} ({args.layout} layout, {len(state)} tensors){note}")
 
 
 if __name__ == "__main__":
-  main()
+  from eesmm_jax import cli
+  cli.run_main(main)

@@ -86,6 +86,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r} is unknown; choose one of {MODES} (or "
                      "'pretrain', with a pretraining config)")
+  plan_lib.check_run_config(config, trains=config.mode == "finetune")
   step_lib.create_encoder(config)  # the model name, sizes and dtype
   data.check_data_config(config.data)
   classes = finetune_input.num_classes(config.data)
@@ -96,7 +97,6 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
   if config.mode in ("eval", "probe") and not config.init_from:
     raise ValueError(f"config.mode={config.mode!r} needs config.init_from: the checkpoint to "
                      f"evaluate or probe")
-  plan_lib.check_run_config(config, trains=config.mode == "finetune")
   for key in ("batch_size", "eval_batch_size"):
     if not isinstance(config[key], int) or config[key] < 1 or config[key] % num_devices:
       raise ValueError(f"config.{key}={config[key]} must be a positive multiple of the "

@@ -9,7 +9,6 @@ environment and joined with `jax.distributed.initialize()` before JAX touches a 
 
 import logging as std_logging
 import os
-import sys
 
 # TensorFlow's C++ start-up lines stay out of the console unless asked for (before TF loads).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,6 +19,8 @@ if __name__ == "__main__":  # before JAX and TensorFlow allocate (tools/allocato
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
+
+from eesmm_jax import cli  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and pictures go here; a run resumes "
@@ -68,22 +69,15 @@ def main(argv):
   if jax.process_index() == 0:
     print(f"{jax.process_count()} process(es), {jax.device_count()} devices "
           f"({jax.devices()[0].device_kind})", flush=True)
-  from eesmm_jax import workdir
   mode = FLAGS.config.get("mode", "pretrain")
-  try:
-    if mode == "pretrain":
-      from eesmm_jax import train
-      train.pretrain(FLAGS.config, FLAGS.workdir)
-    else:  # 'finetune', 'eval', 'probe' (configs/finetune_*.py, configs/linear_probe_*.py)
-      from eesmm_jax import finetune
-      finetune.run(FLAGS.config, FLAGS.workdir)
-  except workdir.CheckpointError as e:
-    # One line, then out: a normal exit would let the failed write's leftover Orbax coroutines
-    # print their tracebacks at interpreter shutdown.
-    print(f"CheckpointError: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
+  if mode == "pretrain":
+    from eesmm_jax import train
+    train.pretrain(FLAGS.config, FLAGS.workdir)
+  else:  # 'finetune', 'eval', 'probe' (configs/finetune_*.py, configs/linear_probe_*.py)
+    from eesmm_jax import finetune
+    finetune.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # An expected error (a bad config value, a checkpoint that cannot be written) is one line.
+  app.run(lambda argv: cli.run_main(main, argv))

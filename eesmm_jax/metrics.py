@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from typing import Any, Callable
 
 import jax
 
@@ -36,45 +38,116 @@ def summary_writer(workdir: str):
   return metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
+def _row_step(line: str):
+  """The step of a metrics.jsonl row, or None where the line is not a whole row (a torn write)."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  step = row.get("step") if isinstance(row, dict) else None
+  return step if isinstance(step, int) else None
+
+
 def _drop_rows_after(path: str, step: int) -> None:
-  """Keeps metrics.jsonl rows up to `step`: those after it belong to steps a resume redoes."""
+  """Keeps metrics.jsonl rows up to `step`: those after it belong to steps a resume redoes.
+  A line that is not a whole row (the last one, torn by a full disk or a kill mid-write) is
+  dropped, with one line saying so: it is a row the resume logs again or an unreadable one."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-  if len(kept) != len(lines):
+  kept, torn = [], []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    row_step = _row_step(line)
+    if row_step is None:
+      torn.append(number)
+    elif row_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")  # the next row starts a line
+  if torn:
+    which = (f"its last line ({len(lines[-1])} bytes)" if torn == [len(lines)] else
+             f"{len(torn)} line(s) ({', '.join(map(str, torn[:5]))}{' ...' if len(torn) > 5 else ''})")
+    sharding.say(f"{path}: dropped {which}, not a whole row (a write cut short, e.g. by a full "
+                 f"disk or a kill); the resume logs its steps again")
+  if kept != lines:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
       f.writelines(kept)
     os.replace(tmp, path)
 
 
+class OutputError(RuntimeError):
+  """An output of the run (metrics.jsonl, TensorBoard events, a picture) could not be written:
+  the run stopped with a checkpoint (the message names the file, the cause and the step)."""
+
+
+def _is_write_error(e: BaseException) -> bool:
+  """An I/O error of a write: OSError (ENOSPC, EIO, ...), or TensorFlow's for its event files."""
+  if isinstance(e, OSError):
+    return True
+  tf = sys.modules.get("tensorflow")
+  errors = getattr(tf, "errors", None) if tf is not None else None
+  return errors is not None and isinstance(e, errors.OpError)
+
+
+def _cause(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  text = str(getattr(e, "message", "") or e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 class MetricsLog:
   """Console progress line, TensorBoard (clu writer) and `<workdir>/metrics.jsonl`, whose rows
-  after the step a run resumes from are dropped (the resume logs those steps again)."""
+  after the step a run resumes from are dropped (the resume logs those steps again).
+
+  A write that fails (a full disk, an I/O error) is recorded, not raised: the loop stops at its
+  step boundary with a checkpoint (`workdir.Run.save`), and nothing more is written meanwhile."""
 
   def __init__(self, workdir: str, total: int, global_batch: int, num_devices: int,
                start: int = 0):
     self.lead = sharding.is_lead()
+    self.failure = None  # (step, what, error) of the first write that failed
     self.writer = summary_writer(workdir)
-    self.jsonl = None
+    self.events = f"the TensorBoard events in {os.path.join(workdir, 'tensorboard')}"
+    self.path, self.jsonl = os.path.join(workdir, "metrics.jsonl"), None
     if self.lead:
-      path = os.path.join(workdir, "metrics.jsonl")
-      _drop_rows_after(path, start)
-      self.jsonl = open(path, "a")
+      _drop_rows_after(self.path, start)
+      self.jsonl = open(self.path, "a", encoding="utf-8")
     self.total, self.global_batch, self.num_devices = total, global_batch, num_devices
     self.start(start)
 
   def start(self, step: int):
     self.last_step, self.last_time = step, time.perf_counter()
 
+  def attempt(self, step: int, what: str, write: Callable[[], Any]) -> None:
+    """`write()`, unless an output failed already; an I/O error it raises is recorded."""
+    if self.failure is not None:
+      return
+    try:
+      write()
+    except Exception as e:  # noqa: BLE001 - sorted: only write errors are recorded
+      if not _is_write_error(e):
+        raise
+      self.failure = (step, what, e)
+
+  def failure_error(self, outcome: str) -> OutputError:
+    """The recorded failure as one line, `outcome` saying what was kept."""
+    step, what, e = self.failure
+    return OutputError(f"writing {what} failed at step {step}: {_cause(e)}; {outcome}: free "
+                       f"space (or fix the disk) and the same command resumes from it")
+
   def write_row(self, step: int, row: dict) -> None:
     """One row to TensorBoard and metrics.jsonl (the console line is the caller's)."""
-    self.writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
+    self.attempt(step, self.events,
+                 lambda: self.writer.write_scalars(step, {k: v for k, v in row.items()
+                                                          if k != "step"}))
     if self.lead:
-      self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
-      self.jsonl.flush()
+      def append():
+        self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self.jsonl.flush()
+      self.attempt(step, self.path, append)
 
   def write(self, step: int, metrics: dict) -> dict:
     now = time.perf_counter()
@@ -90,6 +163,16 @@ class MetricsLog:
     return {"step": step, **row}
 
   def close(self):
-    self.writer.close()
-    if self.jsonl:
-      self.jsonl.close()
+    """Flushes and closes; what a failed disk still refuses is recorded, not raised."""
+    for what, close in ((self.events, self.writer.close),
+                        (self.path, self.jsonl.close if self.jsonl else None)):
+      if close is None:
+        continue
+      try:
+        close()
+      except Exception as e:  # noqa: BLE001 - as `attempt`, after an earlier failure too
+        if not _is_write_error(e):
+          raise
+        if self.failure is None:
+          self.failure = (self.last_step, what, e)
+    self.jsonl = None

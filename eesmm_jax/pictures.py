@@ -66,7 +66,15 @@ def write_reconstructions(workdir: str, step: int, aux: dict, writer=None) -> st
   grid = reconstruction_grid(aux)
   os.makedirs(os.path.join(workdir, "pictures"), exist_ok=True)
   path = os.path.join(workdir, "pictures", f"recon_{step:07d}.png")
-  Image.fromarray(grid).save(path)
+  # Written beside and renamed: a full disk leaves no half picture under the real name.
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   if writer is not None:
     writer.write_images(step, {"reconstructions": grid[None]})
   return path

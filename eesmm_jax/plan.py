@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from eesmm_jax import data, masking, objectives, optim
 from eesmm_jax import sharding
 from eesmm_jax import step as step_lib
+from eesmm_jax.models import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +64,36 @@ class Plan:
     return step_lib.new_train_state(params, self.tx, state_rng, self.config.dtype)
 
 
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_run_config(config: ml_collections.ConfigDict, trains: bool = True) -> None:
-  """The keys every run reads (see `config.run_config`)."""
-  if config.init_from and not os.path.exists(config.init_from):
-    raise ValueError(f"config.init_from={config.init_from!r} does not exist: give a .pth, a "
-                     f"`convert to-flax` directory or a pretraining / fine-tuning workdir")
+  """The keys every run reads (see `config.run_config`), checked before anything is built: the
+  sizes everything else divides by, and the form of `init_from` (a .pth, a `convert to-flax`
+  directory, a workdir with checkpoints), so a wrong path stops here, not inside the init."""
+  sizes = {"img_size": config.img_size, "model.patch_size": config.model.patch_size,
+           "model.window_size": config.model.window_size}
+  for key, value in sizes.items():
+    if not _positive_int(value):
+      raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+  if config.init_from:
+    try:
+      weights.check_source(config.init_from)
+    except ValueError as e:
+      raise ValueError(f"config.init_from={e}") from None
   if not trains:
     return
+  if not _positive_int(config.batch_size):
+    raise ValueError(f"config.batch_size must be a positive integer (images per step, over all "
+                     f"processes), got {config.batch_size!r}")
   for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[key] < 1:
+    if not _positive_int(config[key]):
       raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
+  picture_every = config.get("picture_every", 0)
+  if not isinstance(picture_every, int) or picture_every < 0:
+    raise ValueError(f"config.picture_every must be >= 0 (steps between reconstruction "
+                     f"pictures; 0 = never), got {picture_every}")
   if config.total_steps is not None and config.total_steps < 1:
     raise ValueError(f"config.total_steps must be None (use optim.epochs) or >= 1, got "
                      f"{config.total_steps}")
@@ -123,6 +144,7 @@ def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] 
                 **encoder_overrides) -> Plan:
   """SimMIM / EESMM pretraining as `config` says, checked; `workdir` None plans without one
   (the benchmark). `encoder_overrides` change encoder fields (the benchmark's attention)."""
+  check_run_config(config)
   encoder = step_lib.create_encoder(config, mesh, num_classes=0, use_mask_token=True,
                                     **encoder_overrides)
   c = config.objective
@@ -135,7 +157,6 @@ def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] 
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by num_mix x "
                      f"devices = {c.num_mix} x {mesh.size} (= {c.num_mix * mesh.size}), so "
                      f"every device blends whole groups of images")
-  check_run_config(config)
   source = data.open_source(config.data)
   if workdir is not None:
     workdir = check_workdir(workdir)

@@ -208,6 +208,8 @@ def compile_train_step(plan, state: TrainState, batch) -> Any:
   checking that it fits the device: a step that cannot fit stops here, before any training,
   with both numbers and what would fit."""
   start = time.perf_counter()
+  if jax.process_index() == 0:
+    print("compiling the train step ...", flush=True)
   compiled = jit_train_step(plan).lower(state, batch).compile()
   needed, limit = step_bytes(compiled), device_memory_bytes(plan.config)
   gib = lambda b: f"{b / 2 ** 30:.2f} GiB"

@@ -94,7 +94,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
         run.log.start(step)  # throughput is measured from here on (a first row includes it)
       if config.picture_every and (step % config.picture_every == 0 or step == steps):
         aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
-        pictures.write_reconstructions(workdir, step, aux, run.log.writer)
+        # A picture the disk refuses stops the run at this step's save, with a checkpoint.
+        run.log.attempt(step, f"the reconstruction picture in {workdir}/pictures",
+                        lambda: pictures.write_reconstructions(workdir, step, aux,
+                                                               run.log.writer))
       if run.save(state, step, periodic, preempted):
         break
   return state

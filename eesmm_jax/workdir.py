@@ -24,8 +24,12 @@ What it guarantees, and the choice made where there was one:
 - A save that cannot complete (disk full, or any I/O error, found before writing when the free
   space is short, else where Orbax reports it) stops the run with one line naming the path and
   the cause; the half-written temporary folder is removed and the previous checkpoint restores.
+- An output the disk refuses (metrics.jsonl, TensorBoard events, a picture: ENOSPC, EIO) stops
+  the run at that step's boundary with a checkpoint, in one line (`metrics.OutputError`); a
+  torn last line of metrics.jsonl is dropped on resume, saying so.
+- A corrupt config.json is refused with the way out, not rebuilt (`read_recorded_config`).
 - SIGTERM, and Ctrl-C, stop the run at the next step boundary with a checkpoint; a second
-  Ctrl-C aborts at once.
+  Ctrl-C aborts at once, in any phase, compilation included (exit status 130).
 - Finiteness is checked without a device-to-host read per step (`FiniteWatch`).
 """
 from __future__ import annotations
@@ -36,10 +40,12 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Callable
 
 import jax
+import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
@@ -56,6 +62,14 @@ RESUME_FIXED = ("model.name", "model.embed_dim", "model.depths", "model.num_head
 
 # ----------------------------------------------------------------------------------------------
 # One writer per workdir.
+
+
+class CorruptRecord(RuntimeError):
+  """A file the workdir keeps about its run does not read back (the file and the way out named)."""
+
+
+class WorkdirInUse(RuntimeError):
+  """Another run holds the workdir (its host and pid named)."""
 
 
 class WorkdirLock:
@@ -76,7 +90,7 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or "another process"
       f.close()
-      raise RuntimeError(f"--workdir {workdir!r} is in use by a run ({holder}): one run writes "
+      raise WorkdirInUse(f"--workdir {workdir!r} is in use by a run ({holder}): one run writes "
                          f"a workdir at a time; wait for it or stop it, or use another --workdir")
     f.seek(0)
     f.truncate()
@@ -116,6 +130,23 @@ def record_config(workdir: str, config) -> None:
                           dict(sorted(flat_config(config).items())))
 
 
+def read_recorded_config(path: str) -> dict:
+  """config.json as written by `record_config`; a corrupt one (a torn write from before writes
+  were atomic, a disk error, an edit) is refused with the way out. It is not rebuilt from the
+  current config: it is the record of what the checkpoints were written under, and the resume
+  check compares against exactly that, so only a person can say which config it was."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+    saved = None
+  if not isinstance(saved, dict):
+    raise CorruptRecord(
+        f"{path} is not valid JSON (truncated?): the checkpoints beside it are intact; delete "
+        f"it to resume with the current config (unchecked against theirs), or restore it")
+  return saved
+
+
 def check_resume_config(workdir: str, config, step: int) -> None:
   """Compares `config` with the one the workdir's checkpoints were written under: prints the
   keys that changed, and refuses a change of a RESUME_FIXED key not named in
@@ -123,8 +154,7 @@ def check_resume_config(workdir: str, config, step: int) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = read_recorded_config(path)
   current = flat_config(config)
   changed = sorted(k for k in set(saved) | set(current)
                    if saved.get(k) != current.get(k) and k != "resume_allow")
@@ -149,7 +179,16 @@ def check_resume_config(workdir: str, config, step: int) -> None:
 
 class Preemption:
   """SIGTERM or Ctrl-C (or JAX's preemption notice on several processes) -> stop at a step
-  boundary with a checkpoint; a second Ctrl-C aborts at once.
+  boundary with a checkpoint; a second Ctrl-C aborts at once, in any phase.
+
+  Python runs its signal handlers on the main thread, between bytecodes: while that thread is
+  inside a long C++ call (XLA compiling, a restore), a handler waits for the call to return, and
+  an exception raised from it lands wherever the call returns (after the compile, an exit from
+  inside XLA's threads ended in a segmentation fault). So the signals are read by a thread of
+  their own, through `signal.set_wakeup_fd`, which the interpreter writes at C level as a signal
+  arrives: the first Ctrl-C is acknowledged at once, the second flushes one line and leaves with
+  `os._exit(130)` (no interpreter shutdown under running C++ threads; the workdir's lock goes
+  with the process, and the last finished checkpoint is what the same command resumes from).
 
   Several processes must stop at the same step, so there we use JAX's preemption sync point,
   which agrees on the step through the distributed runtime; one process catches the signals.
@@ -160,18 +199,56 @@ class Preemption:
     self.label = "preempted (SIGTERM)"
     self.multiprocess = jax.process_count() > 1
     self.previous = {}
-    if not self.multiprocess and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self.previous[sig] = signal.signal(sig, self._handle)
+    self.pipe = self.watcher = None
+    self.previous_wakeup_fd = -1
+    if self.multiprocess or threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self.previous[sig] = signal.signal(sig, self._python_handler)
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # the interpreter's C handler must never block on it
+    self.previous_wakeup_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    self.pipe = (read, write)
+    self.watcher = threading.Thread(target=self._watch, name="signal watcher", daemon=True)
+    self.watcher.start()
 
-  def _handle(self, sig, frame):
+  def _watch(self):
+    read = self.pipe[0]
+    while True:
+      try:
+        received = os.read(read, 64)
+      except OSError:
+        return
+      if not received:  # the write end closed: `close`
+        return
+      for sig in received:
+        if sig in (signal.SIGINT, signal.SIGTERM):
+          self._on_signal(sig)
+
+  def _python_handler(self, sig, frame):
+    # The watcher has seen this signal already (the wakeup fd is written before this runs);
+    # without a watcher this handler is the only one.
+    if self.watcher is None:
+      self._on_signal(sig)
+
+  def _on_signal(self, sig):
     if sig == signal.SIGINT and self.requested.is_set():
-      raise KeyboardInterrupt  # the second Ctrl-C
+      self.abort()
     if sig == signal.SIGINT:
       self.label = "stopped (Ctrl-C)"
       print("\nCtrl-C: stopping at the next step boundary with a checkpoint (Ctrl-C again "
             "aborts now)", flush=True)
     self.requested.set()
+
+  @staticmethod
+  def abort():
+    """The second Ctrl-C: one line, then out at once with 130, as a shell reports SIGINT."""
+    try:
+      sys.stdout.flush()
+      print("Ctrl-C again: aborted without a checkpoint; the same command resumes from the last "
+            "one saved", file=sys.stderr, flush=True)
+    finally:
+      os._exit(130)
 
   def reached(self, step: int) -> bool:
     if self.multiprocess:
@@ -181,6 +258,14 @@ class Preemption:
   def close(self):
     for sig, handler in self.previous.items():
       signal.signal(sig, handler)
+    self.previous = {}
+    if self.pipe:
+      signal.set_wakeup_fd(self.previous_wakeup_fd)
+      read, write = self.pipe
+      os.close(write)  # the watcher reads the end of the pipe and returns
+      self.watcher.join(timeout=5)
+      os.close(read)
+      self.pipe = None
 
 
 class FiniteWatch:
@@ -228,9 +313,13 @@ class Run:
   def __init__(self, plan, init: Callable[[], step_lib.TrainState]):
     config, self.workdir = plan.config, plan.workdir
     self.config, self.total = config, plan.total_steps
-    self.lock = WorkdirLock(self.workdir)
-    self.checkpoints = self.log = self.preemption = None
+    # Signals first: restoring, initialising and compiling can take minutes, and a Ctrl-C there
+    # is handled as in the loop (a second one aborts at once).
+    self.preemption = Preemption()
+    self.checkpoints = self.log = self.lock = None
+    self.multiprocess, self.synced = jax.process_count() > 1, False
     try:
+      self.lock = WorkdirLock(self.workdir)
       manager = checkpoints.checkpoint_manager(self.workdir, config.keep_checkpoints)
       self.checkpoints = checkpoints.Checkpoints(manager, checkpoints.tree_bytes(plan.state_shapes))
       resumed = []
@@ -252,7 +341,6 @@ class Run:
       record_config(self.workdir, config)
       self.log = metrics.MetricsLog(self.workdir, self.total, config.batch_size, plan.mesh.size,
                             self.start)
-      self.preemption = Preemption()
       self.watch = FiniteWatch(manager, config.max_skipped_steps, config.dtype == "float16")
     except BaseException:
       self.close(quiet=True)
@@ -266,13 +354,31 @@ class Run:
     logged = step % self.config.log_every == 0 or step == last
     periodic = step % self.config.checkpoint_every == 0 or step == last
     preempted = self.preemption.reached(step)
-    if logged or periodic or preempted:
+    self.synced = logged or periodic or preempted
+    if self.synced:
       self.watch.check()
       self.checkpoints.check()
     return logged, periodic, preempted
 
+  def _output_failed(self) -> bool:
+    """Whether an output (metrics.jsonl, TensorBoard, a picture) could not be written. Process
+    0 alone writes them, so several processes learn it from process 0 at the boundaries where
+    they read device values anyway (log, checkpoint, preemption), and stop at the same step."""
+    failed = self.log.failure is not None
+    if not self.multiprocess:
+      return failed
+    if not self.synced:
+      return False
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+
   def save(self, state, step: int, periodic: bool, preempted: bool) -> bool:
-    """Saves when `periodic` or when preempted; True when the run must stop (preemption)."""
+    """Saves when `periodic` or when preempted; True when the run must stop (preemption). An
+    output that could not be written stops the run here, with a checkpoint of this step."""
+    if self._output_failed():
+      self.checkpoints.save(state, step, force=True)
+      self.checkpoints.check(wait=True)  # the checkpoint the message names is on disk
+      raise self.log.failure_error(f"saved a checkpoint at step {step} in "
+                                   f"{self.checkpoints.directory}")
     if preempted:
       self.checkpoints.save(state, step, force=True)
       sharding.say(f"{self.preemption.label}: saved a checkpoint at step {step} in "
@@ -284,15 +390,25 @@ class Run:
 
   def close(self, quiet: bool = False) -> None:
     """Saves already started finish; one cut short by a kill is never restored. `quiet`: the
-    run is already failing with its own error, which a pending save's must not replace."""
+    run is already failing with its own error, which a pending save's must not replace. An
+    output that failed after the last step's save (fine-tuning's final evaluation) is raised
+    here; the checkpoints are complete."""
     try:
       if self.checkpoints:
         self.checkpoints.close(quiet)
     finally:
-      for part in (self.log, self.preemption):
-        if part:
-          part.close()
-      self.lock.release()
+      try:
+        if self.log:
+          self.log.close()
+      finally:
+        if self.preemption:
+          self.preemption.close()
+        if self.lock:
+          self.lock.release()
+    if self.log and self.log.failure is not None and not quiet:
+      raise self.log.failure_error(f"the checkpoints in {self.checkpoints.directory} are "
+                                   f"complete (latest: step "
+                                   f"{self.checkpoints.manager.latest_step()})")
 
   def __enter__(self):
     return self

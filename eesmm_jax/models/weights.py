@@ -6,11 +6,7 @@ checkpoint's encoder). Tables of another window or image size are resized as `co
 """
 from __future__ import annotations
 
-import os
-
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
@@ -18,29 +14,21 @@ from eesmm_jax import convert
 from eesmm_jax.models import swin
 
 
-def _latest_params(directory: str) -> dict:
-  """The params of the latest checkpoint of a pretraining or fine-tuning workdir, as numpy; a
-  pretraining checkpoint's encoder (its decoder left out). Reads only: creates nothing there."""
-  ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-  if not steps:
-    raise ValueError(f"{directory!r} holds no checkpoint (no checkpoints/<step>): give a "
-                     f"pretraining or fine-tuning workdir, a .pth, or a convert directory")
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(ckpt_dir, str(max(steps)), "default"))["params"]
-  params = params.get("encoder", params)
-  return jax.tree_util.tree_map(np.asarray, params)
+def check_source(path: str) -> str:
+  """'pth', 'convert' or 'workdir': the form of weights at `path`, from the file system alone;
+  ValueError saying what is wrong and what is accepted (a run checks `init_from` with it while
+  it is planned, before anything compiles)."""
+  return convert.source_kind(path)
 
 
 def _read_source(path: str, model: swin.SwinTransformer) -> dict:
   """Flattened Flax params from a .pth (any layout), a convert directory or a workdir."""
-  if os.path.isdir(path):
-    if os.path.exists(os.path.join(path, "model.json")):
-      return traverse_util.flatten_dict(convert.load_flax(path)[0])
-    return traverse_util.flatten_dict(_latest_params(path))
-  import torch  # the `torch` extra
-  state, extra = convert.unwrap_checkpoint(torch.load(path, map_location="cpu",
-                                                      weights_only=True))
+  kind = check_source(path)
+  if kind == "convert":
+    return traverse_util.flatten_dict(convert.load_flax(path)[0])
+  if kind == "workdir":
+    return traverse_util.flatten_dict(convert.latest_checkpoint_params(path))
+  state, extra = convert.unwrap_checkpoint(convert.read_pth(path))
   if extra:
     logging.info("init_from %s: left out %d non-encoder tensors (%s ...)", path, len(extra),
                  sorted(extra)[0])

@@ -816,4 +816,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from eesmm_jax import cli
+  raise SystemExit(cli.run_main(main))

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eesmm_jax import data, probe as probe_lib, step as step_lib, train
+from eesmm_jax import cli, data, probe as probe_lib, step as step_lib, train
 from eesmm_jax.tools import images
 
 # configs/ is installed as the package eesmm_jax.configs (setup.py), so the demo finds its
@@ -71,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

@@ -51,9 +51,8 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from eesmm_jax import data
-from eesmm_jax import finetune
-from eesmm_jax import probe, train
+from eesmm_jax import cli, data
+from eesmm_jax import finetune, probe, train
 from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
 from eesmm_jax.configs import demo as demo_config
@@ -646,4 +645,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main)

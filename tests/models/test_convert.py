@@ -204,3 +204,89 @@ def test_command_line_round_trip(tmp_path):
     if k.startswith("encoder."):
       torch.testing.assert_close(back[k[len("encoder."):]], v, rtol=0, atol=0)
   assert not any(k.startswith("decoder") for k in back)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the command line is given: a .pth that is no state dict, a workdir, a patch size.
+
+
+def run_convert(*argv):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return subprocess.run([sys.executable, "-m", "eesmm_jax.convert", *map(str, argv)],
+                        capture_output=True, text=True, cwd=root, timeout=600)
+
+
+@pytest.mark.parametrize("content,kind", [(torch.zeros(3), "Tensor"), ([1, 2], "list")])
+def test_a_pth_that_is_no_state_dict_is_named_in_one_line(tmp_path, content, kind):
+  torch.save(content, tmp_path / "odd.pth")
+  out = run_convert("to-flax", tmp_path / "odd.pth", tmp_path / "flax")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [
+      f"error: {tmp_path}/odd.pth holds a {kind}, not a state dict: expected a dict of "
+      f"parameter names to tensors, as torch.save(model.state_dict(), path) writes "
+      f"(optionally under 'model' or 'state_dict')"]
+  assert not (tmp_path / "flax").exists()
+
+
+def fake_workdir(path, model, params, pretraining: bool):
+  """A workdir as the trainer leaves it, as far as `to-torch` reads it: the latest checkpoint
+  (a pretraining one holds a decoder beside the encoder) and config.json."""
+  import json
+  import orbax.checkpoint as ocp
+  tree = {"params": {"encoder": params, "decoder": {"kernel": np.ones((4, 4), np.float32)}}
+          if pretraining else params, "step": np.int32(7)}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "checkpoints" / "7" / "default", tree)
+  (path / "checkpoints" / "3").mkdir()  # an older step: the latest is read
+  config = {"img_size": model.img_size, "model.name": "swin_tiny", "model.patch_size":
+            model.patch_size, "model.window_size": model.window_size, "model.embed_dim":
+            model.embed_dim, "model.depths": list(model.depths), "model.num_heads":
+            list(model.num_heads), "batch_size": 16}
+  (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("pretraining", [True, False], ids=["pretraining", "finetuning"])
+def test_to_torch_exports_a_workdirs_latest_checkpoint(tmp_path, pretraining):
+  model = tiny_flax(num_classes=0 if pretraining else 10, use_mask_token=pretraining)
+  params = random_params(model)
+  fake_workdir(tmp_path / "run", model, params, pretraining)
+  convert.main(["to-torch", str(tmp_path / "run"), str(tmp_path / "out.pth")])
+  back = torch.load(tmp_path / "out.pth", weights_only=True)
+  want = convert.flax_to_torch(params, model, layout="timm")
+  assert sorted(back) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+  if not pretraining:  # a classifier loads strict into timm and gives the same logits
+    ref = tiny_timm()
+    ref.load_state_dict(back, strict=True)
+    x = torch_ref.images(2, 64)
+    with torch.no_grad():
+      expected = ref(torch_ref.to_nchw(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+      np.testing.assert_allclose(logits(model, params, x), expected, atol=1e-4)
+
+
+def test_to_torch_of_a_folder_without_weights_says_what_it_takes(tmp_path):
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  out = run_convert("to-torch", tmp_path / "run", tmp_path / "out.pth")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      f"error: '{tmp_path}/run' holds no checkpoint (no checkpoints/<step>) and no model.json: "
+      f"give a .pth, a `convert to-flax` directory (model.json), or a pretraining / "
+      f"fine-tuning workdir (checkpoints/<step>)"]
+
+
+def test_to_flax_takes_the_patch_size(tmp_path):
+  ref = torch_ref.TimmSwin(img_size=64, patch_size=2, window_size=4, num_classes=0,
+                           drop_path_rate=0.0, **TINY)
+  torch_ref.perturb_(ref, 0)
+  torch.save(ref.state_dict(), tmp_path / "p2.pth")
+  convert.main(["to-flax", str(tmp_path / "p2.pth"), str(tmp_path / "flax"), "--model",
+                "swin_tiny", "--img_size", "64", "--window_size", "4", "--num_classes", "0",
+                "--patch_size", "2", "--embed_dim", "32", "--depths", "2", "2", "--num_heads",
+                "2", "4"])
+  params, model = convert.load_flax(str(tmp_path / "flax"))
+  assert model.patch_size == 2 and params["patch_embed"]["proj"]["kernel"].shape[:2] == (2, 2)

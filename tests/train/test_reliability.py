@@ -134,6 +134,12 @@ BAD_CONFIGS = [
     ({"objective.head": "merge"}, r"objective.head must be one of \('split', 'subtract'\)"),
     ({"dtype": "float64"}, r"config.dtype must be one of"),
     ({"init_from": "/nonexistent.pth"}, r"config.init_from='/nonexistent.pth' does not exist"),
+    # Values everything else divides by: a ZeroDivisionError, or an internal name, before.
+    ({"batch_size": 0}, r"^config.batch_size must be a positive integer .*got 0$"),
+    ({"batch_size": -16}, r"^config.batch_size must be a positive integer .*got -16$"),
+    ({"img_size": 0}, r"^config.img_size must be a positive integer, got 0$"),
+    ({"model.patch_size": 0}, r"^config.model.patch_size must be a positive integer, got 0$"),
+    ({"picture_every": -1}, r"^config.picture_every must be >= 0 .*got -1$"),
 ]
 
 
@@ -142,6 +148,85 @@ BAD_CONFIGS = [
 def test_bad_config_is_refused_with_a_clear_error(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     plan.pretraining(tiny_config(**overrides), sharding.make_mesh(), str(tmp_path))
+
+
+def init_from_sources(tmp_path):
+  """Paths that exist but are no weights to start from, each with what its refusal says."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4" / "default").mkdir(parents=True)
+  converted = tmp_path / "converted"
+  (converted / "params").mkdir(parents=True)
+  (converted / "model.json").write_text('{"img_size": 32, "patch_')  # torn
+  (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+  (tmp_path / "empty.pth").write_bytes(b"")
+  return [
+      (empty, r"holds no checkpoint \(no checkpoints/<step>\) and no model.json: give a .pth, "
+              r"a `convert to-flax` directory \(model.json\), or a pretraining / fine-tuning "
+              r"workdir"),
+      (run / "checkpoints", rf"looks like a checkpoints folder .*give the workdir that holds "
+                            rf"it, '{run}'"),
+      (run / "checkpoints" / "4", rf"looks like one checkpoint .*give the workdir, '{run}'"),
+      (converted, r"has a model.json that is not valid JSON \(truncated\?\)"),
+      (tmp_path / "notes.pth", r"is not a PyTorch checkpoint"),
+      (tmp_path / "empty.pth", r"is an empty file"),
+  ]
+
+
+def test_init_from_that_exists_but_holds_no_weights_is_refused_while_planning(tmp_path):
+  for path, message in init_from_sources(tmp_path):
+    with pytest.raises(ValueError, match=rf"^config.init_from='{path}' {message}"):
+      plan.pretraining(tiny_config(init_from=str(path)), sharding.make_mesh(),
+                       str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")  # refused before the workdir was even made
+
+
+def test_command_line_errors_are_one_line_with_the_exit_status(tmp_path):
+  """A user error after start-up: `error: <message>` alone on stderr, no traceback, exit 2
+  for a config value (1 for others), before anything compiles; the traceback on request."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  cmd = cli(tmp_path / "run") + [f"--config.init_from={empty}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == [f"error: config.init_from='{empty}' holds no checkpoint (no "
+                    f"checkpoints/<step>) and no model.json: give a .pth, a `convert to-flax` "
+                    f"directory (model.json), or a pretraining / fine-tuning workdir "
+                    f"(checkpoints/<step>)"]
+  assert "Traceback" not in out.stderr and "compiling" not in out.stdout
+
+  zero = subprocess.run(cli(tmp_path / "run") + ["--config.img_size=0"], capture_output=True,
+                        text=True, env={**env(), "EESMM_TRACEBACK": "1"}, cwd=ROOT, timeout=600)
+  assert zero.returncode == 2
+  assert "Traceback" in zero.stderr and "ZeroDivisionError" not in zero.stderr
+  assert zero.stderr.rstrip().splitlines()[-1] == ("error: config.img_size must be a positive "
+                                                   "integer, got 0")
+
+
+def test_cli_sorts_errors_into_one_line_and_exit_status(capsys):
+  from eesmm_jax import cli, metrics, workdir
+
+  def status_of(error):
+    with pytest.raises(SystemExit) as e:
+      cli.run_main(lambda: (_ for _ in ()).throw(error))
+    return e.value.code
+
+  assert status_of(ValueError("config.x must be >= 1, got 0")) == 2
+  assert capsys.readouterr().err == "error: config.x must be >= 1, got 0\n"
+  assert status_of(convert.ConversionError("shape mismatch")) == 2
+  assert status_of(workdir.WorkdirInUse("in use")) == 1
+  assert status_of(workdir.CorruptRecord("torn")) == 1
+  assert status_of(metrics.OutputError("disk full")) == 1
+  assert status_of(step_lib.NonFiniteError("nan")) == 1
+  assert status_of(FileNotFoundError(2, "No such file or directory", "x.pth")) == 1
+  assert status_of(KeyboardInterrupt()) == 130
+  capsys.readouterr()
+  assert status_of(ValueError("first\nsecond")) == 2
+  assert capsys.readouterr().err == "error: first (more with EESMM_TRACEBACK=1)\n"
+  with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+    cli.run_main(lambda: 1 // 0)
 
 
 def test_unwritable_workdir_is_refused(tmp_path):
