@@ -7,8 +7,9 @@ One interface for every method:
     loss, aux = loss_fn(params, images, rng, train)
 
 `images` is a global batch [n * B, H, W, 3] of ImageNet-normalised NHWC images, each already
-augmented on its own by the input pipeline (random-resized crop and flip: Eq. 3's Scale, Crop
-and Flip). They form B blended samples; sample b blends images n*b .. n*b + n - 1 (a reshape to
+augmented on its own (random-resized crop and flip: Eq. 3's Scale, Crop and Flip) by tf.data,
+or, for prepared shards, by the step's first stage (`data.device_augment.augment_then`, which
+plan.py wraps around this loss). They form B blended samples; sample b blends images n*b .. n*b + n - 1 (a reshape to
 [B, n, ...]). Consecutive images are the ones that share a device when the batch is sharded over
 devices, so blending needs no communication (as long as the per-device batch is a multiple of
 n). num_mix = 1 is SimMIM: the same code, with one component of weight 1.

@@ -20,6 +20,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eesmm_jax import data, masking, objectives, optim
+from eesmm_jax.data import device_augment
 from eesmm_jax import sharding
 from eesmm_jax import step as step_lib
 from eesmm_jax.models import weights
@@ -44,6 +45,8 @@ class Plan:
   state_sharding: step_lib.TrainState
   num_classes: int = 0
   group: int = 1                  # rows that belong together in a batch (EESMM: the n images)
+  input_size: int = 0             # the side of the images the step takes: img_size, or the
+                                  # stored size of prepared shards (cropped in the step)
 
   @property
   def num_examples(self) -> int:
@@ -134,7 +137,8 @@ def build(config, mesh, workdir, *, encoder, model, loss_fn, init_params, source
               loss_fn=loss_fn, init_params=init_params, source=source,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps, tx=tx,
               schedule=schedule, accum_steps=int(ocfg.accum_steps), state_shapes=None,
-              state_sharding=None, num_classes=num_classes, group=group)
+              state_sharding=None, num_classes=num_classes, group=group,
+              input_size=int(source.image_size or config.img_size))
   state_shapes = jax.eval_shape(plan.new_state, jax.random.key_data(jax.random.key(0)))
   return dataclasses.replace(plan, state_shapes=state_shapes,
                              state_sharding=sharding.state_shardings(state_shapes, mesh, config.fsdp))
@@ -165,7 +169,13 @@ def pretraining(config: ml_collections.ConfigDict, mesh, workdir: Optional[str] 
   side = config.img_size // encoder.patch_size
   sample = jax.numpy.zeros((1, config.img_size, config.img_size, encoder.in_chans))
   tokens = jax.numpy.zeros((1, side, side), jax.numpy.int32)
+  loss_fn = objectives.build_objective(c, model)
+  if source.image_size:
+    # Prepared shards hold stored-size images: SimMIM's crop and flip are the step's first
+    # stage, on the device (tf.data sources arrive augmented).
+    loss_fn = device_augment.augment_then(loss_fn, config.img_size, config.data.crop_scale,
+                                          config.data.crop_ratio)
   return build(config, mesh, workdir, encoder=encoder, model=model,
-               loss_fn=objectives.build_objective(c, model),
+               loss_fn=loss_fn,
                init_params=lambda rng: model.init(rng, sample, tokens)["params"],
                source=source, group=c.num_mix)

@@ -58,9 +58,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
     state, start = run.state, run.start
 
     # --- The step.
-    # uint8 pixels: the step normalises them on the device (data.normalize).
+    # uint8 pixels: the step normalises them on the device (data.normalize). From prepared
+    # shards they are the stored size, cropped and flipped to img_size in the step (p.loss_fn).
     images_shape = jax.ShapeDtypeStruct(
-        (config.batch_size, config.img_size, config.img_size, p.encoder.in_chans),
+        (config.batch_size, p.input_size, p.input_size, p.encoder.in_chans),
         jax.numpy.uint8, sharding=p.data_sharding)
     train_step = step_lib.compile_train_step(p, state, images_shape)
     picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])

@@ -9,17 +9,20 @@ import ml_collections
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
-NAMED_DATASETS = ("imagenet2012", "cifar10", "cifar100", "folder", "synthetic")
+NAMED_DATASETS = ("imagenet2012", "cifar10", "cifar100", "folder", "synthetic", "shards")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """SimMIM's pretraining input at 192 px."""
   c = ml_collections.ConfigDict()
-  # 'imagenet2012' | 'cifar10' | 'cifar100' | 'folder' | 'synthetic' | any TFDS image dataset by
-  # name, optionally written 'tfds:<name>' (e.g. 'tfds:oxford_flowers102').
+  # 'imagenet2012' | 'cifar10' | 'cifar100' | 'folder' | 'synthetic' | 'shards' | any TFDS image
+  # dataset by name, optionally written 'tfds:<name>' (e.g. 'tfds:oxford_flowers102').
+  # 'shards': a split prepared once by `python -m eesmm_jax.prepare` (data/shards.py), read
+  # without TensorFlow, cropped and flipped on the device (pretraining only).
   c.dataset = "imagenet2012"
-  # TFDS data_dir (imagenet2012 needs it: manual download), or the image folder for 'folder':
-  # data_dir/split/<class>/<image> (ImageFolder layout, labelled) or a folder of images.
+  # TFDS data_dir (imagenet2012 needs it: manual download), the image folder for 'folder':
+  # data_dir/split/<class>/<image> (ImageFolder layout, labelled) or a folder of images, or the
+  # shard directory for 'shards' (one split: config.split is not read).
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.split = "train"
   c.img_size = 192
@@ -27,10 +30,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
   c.shuffle_buffer = 10_000     # encoded examples per process (TFDS); folders shuffle fully
   c.seed = 0
-  c.num_parallel_calls = -1     # -1 = tf.data.AUTOTUNE
+  c.num_parallel_calls = -1     # -1 = tf.data.AUTOTUNE; 'shards': reader threads, -1 = the CPUs
   c.cache = False               # keep the encoded examples in memory (TFDS: after the first epoch;
                                 # folders: every file read once at the start, so small ones only)
-  c.prefetch = -1               # batches; -1 = AUTOTUNE, 0 = none
+  c.prefetch = -1               # batches; -1 = AUTOTUNE ('shards': 2), 0 = none
   c.synthetic_examples = 1_281_167  # the 'epoch' of 'synthetic' (ImageNet-1k train size)
   c.eval_crop_pct = 0.875       # evaluation: resize to img_size / crop_pct, centre crop
   return c
@@ -39,11 +42,14 @@ def default_data_config() -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A split opened once for a run: its size over all processes, the files a folder leaves out
-  [(path, why)], and a folder's listing (paths, labels or None, class names), which the input
-  then reads instead of listing the folder again."""
+  [(path, why)], and a folder's listing (paths, labels or None, class names) or the opened
+  shards (`shards.Shards`), which the input then reads instead of listing the folder again.
+  `image_size`: the side of prepared shards' stored images, which the train step crops and
+  resizes to img_size (`device_augment`); None where the input delivers img_size already."""
   num_examples: int
   bad_images: list = dataclasses.field(default_factory=list)
-  listing: Optional[tuple] = None
+  listing: Optional[object] = None
+  image_size: Optional[int] = None
 
 
 def process_rows(global_batch: int, process_index: Optional[int],

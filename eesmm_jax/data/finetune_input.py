@@ -301,6 +301,9 @@ def num_classes(data: ml_collections.ConfigDict) -> int:
   if data.dataset == "synthetic":
     raise ValueError("config.data.dataset='synthetic' has no classes to fine-tune on: use a "
                      "TFDS dataset or 'folder'")
+  if data.dataset == "shards":
+    raise ValueError("config.data.dataset='shards' feeds pretraining only: fine-tuning, "
+                     "evaluation and probes read the folder or TFDS dataset through tf.data")
   features = ip._tfds_builder(data).info.features
   if "label" not in features or not hasattr(features["label"], "num_classes"):
     raise ValueError(f"TFDS dataset {data.dataset!r} has no ClassLabel 'label' feature")

@@ -183,6 +183,72 @@ def _tfds_source(config, process_index, process_count, split=None, train=True) -
   return _Source(ds, n, int(config.shuffle_buffer))
 
 
+class DecodedImages:
+  """A folder or TFDS split decoded in order, as `shards.write_shards` reads a source: listed
+  and checked as the trainer lists it (a folder's unreadable files left out and named in
+  `bad_images`), decoded as the trainer decodes (tf.io.decode_image, channels=3). An image
+  that still fails to decode is yielded with its problem, not its pixels."""
+
+  def __init__(self, config: ml_collections.ConfigDict, split: Optional[str] = None):
+    self.config, self.split = config, split or config.split
+    self.bad_images: list = []
+    if config.dataset == "folder":
+      paths, labels, classes, self.bad_images = _list_and_check_folder(config.data_dir,
+                                                                       self.split)
+      self.paths, self.labels = paths, labels
+      self.classes = None if labels is None else list(classes)
+      self.num_examples = len(paths)
+      self.description = {"dataset": "folder", "data_dir": os.path.abspath(config.data_dir),
+                          "split": self.split}
+      return
+    source = _tfds_source(config, 0, 1, self.split, train=False)  # the checks, the size
+    builder = _tfds_builder(config)
+    features = builder.info.features
+    self.builder = builder
+    self.image_key = next(k for k in (["image"] + list(features.keys()))
+                          if k in features and isinstance(features[k], tfds.features.Image))
+    label = features["label"] if "label" in features else None
+    self.classes = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
+    self.num_examples = source.num_local
+    self.description = {"dataset": _tfds_name(config.dataset), "data_dir": builder.data_dir,
+                        "split": self.split, "version": str(builder.version)}
+
+  def name(self, index: int) -> str:
+    if self.config.dataset == "folder":
+      return self.paths[index]
+    return f"{self.description['dataset']}/{self.split}[{index}]"
+
+  def read(self, start: int, stop: int) -> Iterator[tuple]:
+    """(index, uint8 [h, w, 3] or None, label or -1, problem) for index in [start, stop)."""
+    _hide_accelerators_from_tf()
+    if self.config.dataset == "folder":
+      labels = self.labels[start:stop] if self.labels is not None else [-1] * (stop - start)
+      ds = tf.data.Dataset.from_tensor_slices(
+          (tf.range(start, stop, dtype=tf.int64), self.paths[start:stop],
+           tf.constant(labels, tf.int64)))
+      ds = ds.map(lambda i, path, label: (i, tf.io.read_file(path), label))
+    else:
+      records = self.builder.as_dataset(
+          split=f"{self.split}[{start}:{stop}]", shuffle_files=False,
+          decoders={self.image_key: tfds.decode.SkipDecoding()})
+      ds = tf.data.Dataset.zip((tf.data.Dataset.range(start, stop), records)).map(
+          lambda i, ex: (i, ex[self.image_key],
+                         tf.cast(ex["label"], tf.int64) if self.classes is not None
+                         else tf.constant(-1, tf.int64)))
+    ds = ds.map(lambda i, raw, label: (i, tf.io.decode_image(raw, channels=3,
+                                                             expand_animations=False), label),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()  # a failed decode drops its element; the gap names it below
+    expected = start
+    for i, image, label in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+      for missing in range(expected, int(i)):
+        yield missing, None, -1, "tf.io.decode_image cannot decode it"
+      yield int(i), image, int(label), ""
+      expected = int(i) + 1
+    for missing in range(expected, stop):
+      yield missing, None, -1, "tf.io.decode_image cannot decode it"
+
+
 def open_source(config: ml_collections.ConfigDict, split: Optional[str] = None) -> Source:
   """A folder or TFDS split, checked and sized once for a run (see `eesmm_jax.data.open_source`)."""
   split = split or config.split

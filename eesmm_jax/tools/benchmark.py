@@ -232,7 +232,7 @@ def flops_per_image(lowered, batch: int, config=None, impls: Optional[dict] = No
   if not cost and config is not None:
     p = plan.pretraining(config, sharding.make_mesh(jax.devices("cpu")[:1]), **(impls or {}))
     state = jax.eval_shape(p.new_state, jax.random.PRNGKey(0))
-    images = jax.ShapeDtypeStruct((batch, config.img_size, config.img_size, 3),
+    images = jax.ShapeDtypeStruct((batch, p.input_size, p.input_size, 3),
                                   jax.numpy.uint8, sharding=p.data_sharding)
     try:
       cost = step_lib.jit_train_step(p).lower(state, images).cost_analysis()
@@ -253,8 +253,10 @@ def jax_step(backbone: str, img_size: int, window: int, num_mix: int, batch: int
   config = cell_config(backbone, img_size, window, num_mix, batch, dtype, data, data_dir, remat)
   p = plan.pretraining(config, sharding.make_mesh(), attention_impl=attention or "auto")
   state = jax.jit(p.new_state, out_shardings=p.state_sharding)(jax.random.PRNGKey(0))
-  # uint8 pixels, as the trainer's input sends them (the step normalises them first).
-  images = jax.jit(lambda k: jax.random.randint(k, (batch, img_size, img_size, 3), 0, 256)
+  # uint8 pixels, as the trainer's input sends them (the step normalises them first); from
+  # prepared shards at their stored size (p.input_size), cropped to img_size in the step.
+  side = p.input_size
+  images = jax.jit(lambda k: jax.random.randint(k, (batch, side, side, 3), 0, 256)
                    .astype(jax.numpy.uint8), out_shardings=p.data_sharding)(jax.random.key(1))
   step_fn = step_lib.jit_train_step(p)
 
@@ -607,8 +609,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--torch", help="comma list of eager,compile; 'none' skips PyTorch")
   p.add_argument("--data", default="device",
                  help="'device' (one random batch kept on the device: no input pipeline) or a "
-                      "dataset of input_pipeline (cifar10, imagenet2012, folder, synthetic)")
-  p.add_argument("--data_dir", help="TFDS data_dir or image folder for --data")
+                      "dataset of eesmm_jax.data (cifar10, imagenet2012, folder, synthetic, "
+                      "shards)")
+  p.add_argument("--data_dir", help="TFDS data_dir, image folder or shard directory for --data")
   p.add_argument("--attention", default="auto", choices=("auto",) + ops.ATTENTION_IMPLS,
                  help="JAX attention (eesmm_jax.ops): auto (its own backward on a CPU, XLA "
                       "einsums elsewhere), xla (einsums, autodiff), xla_cpu, cudnn (cuDNN's "
