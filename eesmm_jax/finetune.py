@@ -5,7 +5,8 @@ Three modes of the same command line (`config.mode`, see `finetune_config`):
 * 'finetune': SimMIM's fine-tuning recipe (Sec. 4.1.2 of the EESMM paper): the pretrained encoder
   (ours, or a converted PyTorch SimMIM / Swin checkpoint) without the decoder, average pooling
   and a linear head; AdamW with layer-wise lr decay, warm-up plus cosine; drop path; RandAugment
-  and random erasing in tf.data (`finetune_input`), mixup / cutmix / label smoothing on device
+  and random erasing in tf.data (`data.finetune_input`; the IDX datasets: a padded random crop
+  and a flip in numpy, `data.idx`), mixup / cutmix / label smoothing on device
   (`augment`). A change of image or window size (192 / window 6 -> 224 / window 7) resizes the
   relative position bias tables bicubically (`convert`). Resumes from `workdir` like pretraining.
 * 'eval': top-1 / top-5 of a classifier (`init_from`: a fine-tuning workdir, a .pth with a head,
@@ -39,7 +40,6 @@ from eesmm_jax import plan as plan_lib
 from eesmm_jax import sharding
 from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
-from eesmm_jax.data import finetune_input
 from eesmm_jax.models import swin
 from eesmm_jax.models import weights
 
@@ -49,7 +49,7 @@ MODES = ("finetune", "eval", "probe")
 def finetune_config() -> ml_collections.ConfigDict:
   """Every key the fine-tune / eval / probe modes read, with SimMIM's Swin-B 224 fine-tuning
   defaults (microsoft/SimMIM simmim_finetune__swin_base__img224_window7__100ep)."""
-  c = config_lib.run_config(finetune_input.finetune_data_config())
+  c = config_lib.run_config(data.finetune_data_config())
   c.mode = "finetune"           # 'finetune' | 'eval' | 'probe'
   c.img_size = 224
   c.eval_batch_size = 1024      # padded: any dataset size works
@@ -89,7 +89,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
   plan_lib.check_run_config(config, trains=config.mode == "finetune")
   step_lib.create_encoder(config)  # the model name, sizes and dtype
   data.check_data_config(config.data)
-  classes = finetune_input.num_classes(config.data)
+  classes = data.num_classes(config.data)
   if config.model.num_classes is not None and config.model.num_classes != classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but dataset "
                      f"{config.data.dataset!r} has {classes} classes: set it to {classes} or "
@@ -109,6 +109,7 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
       raise ValueError(f"config.eval_every must be >= 0 (0 = at the end), got "
                        f"{config.eval_every}")
     augment.check_aug_config(config.aug)
+    data.check_finetune_input(config.data, config.aug)
   plan_lib.check_workdir(workdir)
   return classes
 
@@ -150,7 +151,8 @@ def make_loss_fn(model: swin.SwinTransformer, num_classes: int, aug: ml_collecti
 
   def loss_fn(params, batch, rng, train: bool):
     mix_rng, dropout_rng = jax.random.split(rng)
-    images, targets = augment.mix_batch(mix_rng, batch["image"], batch["label"], num_classes, aug)
+    images = data.normalize(batch["image"])  # uint8 from the numpy input; floats unchanged
+    images, targets = augment.mix_batch(mix_rng, images, batch["label"], num_classes, aug)
     logits = model.apply({"params": params}, images, train=train, rngs={"dropout": dropout_rng})
     loss = augment.soft_cross_entropy(logits, targets).mean()
     return loss, {}
@@ -283,7 +285,8 @@ def finetune(config, workdir: str, mesh, num_classes: int,
     # --- The steps.
     s = config.img_size
     train_step = step_lib.compile_train_step(p, state, {
-        "image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3), jnp.float32,
+        "image": jax.ShapeDtypeStruct((config.batch_size, s, s, 3),
+                                      data.finetune_image_dtype(config.data),
                                       sharding=p.data_sharding),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                       sharding=p.data_sharding)})
@@ -291,8 +294,8 @@ def finetune(config, workdir: str, mesh, num_classes: int,
 
     # --- Loop.
     batches = step_lib.prefetch(
-        finetune_input.create_finetune_iterator(config.data, config.aug, config.batch_size,
-                                                start_step=start),
+        data.create_finetune_iterator(config.data, config.aug, config.batch_size,
+                                      start_step=start),
         lambda local: {k: sharding.global_batch_from_local(local[k], p.data_sharding)
                        for k in ("image", "label")})
     last = steps if stop_after is None else min(steps, stop_after)

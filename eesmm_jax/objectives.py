@@ -195,12 +195,12 @@ def token_mask(masks: jax.Array) -> jax.Array:
 # Targets, Eq. 4-6 decompositions, Eq. 7 losses.
 
 
-def normalize_targets(x: jax.Array, window: int = 47) -> jax.Array:
-  """SimMIM's `norm_targets`: (x - local mean) / sqrt(local unbiased var + 1e-6), statistics
-  over a window x window neighbourhood per channel (avg-pool, stride 1, count_include_pad=False).
+def local_stats(x: jax.Array, window: int = 47) -> tuple[jax.Array, jax.Array]:
+  """SimMIM's `norm_targets` statistics: the local mean and sqrt(local unbiased var + 1e-6)
+  over a window x window neighbourhood per channel (avg-pool, stride 1,
+  count_include_pad=False). x [..., H, W, C] -> (mean, std), each of x's shape.
 
-  x [..., H, W, C]. The box sums are separable (rows, then columns), which is what keeps a
-  47 x 47 window cheap.
+  The box sums are separable (rows, then columns), which is what keeps a 47 x 47 window cheap.
   """
   lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
   x4 = x.reshape((-1, h, w, c))
@@ -215,8 +215,23 @@ def normalize_targets(x: jax.Array, window: int = 47) -> jax.Array:
   count = box_sum(jnp.ones((1, h, w, 1), x.dtype))
   mean = box_sum(x4) / count
   var = (box_sum(x4 * x4) / count - mean ** 2) * (count / (count - 1))
-  out = (x4 - mean) / jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
-  return out.reshape(lead + (h, w, c))
+  std = jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
+  shape = lead + (h, w, c)
+  return jnp.broadcast_to(mean, x4.shape).reshape(shape), std.reshape(shape)
+
+
+def normalize_targets(x: jax.Array, window: int = 47) -> jax.Array:
+  """SimMIM's `norm_targets`: (x - local mean) / local std (`local_stats`), x [..., H, W, C]."""
+  mean, std = local_stats(x, window)
+  return (x - mean) / std
+
+
+def denormalize_targets(y: jax.Array, x: jax.Array, window: int = 47) -> jax.Array:
+  """The inverse of `normalize_targets(x)` applied to a prediction `y` of it: y * std + mean
+  with the local statistics of the original `x`, so a prediction is seen as an image (a
+  perfect one as x itself)."""
+  mean, std = local_stats(x, window)
+  return y * std + mean
 
 
 def subtract_decode(blend_pred: jax.Array, components: jax.Array, lambdas) -> jax.Array:
@@ -281,8 +296,11 @@ def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Calla
     loss_mix             (only when mix_loss_weight > 0),
     inputs [B, H, W, C]  (the blend fed to the encoder),
     token_mask [B, h, w], masks [B, n, h, w] (1 = masked, per component),
-    targets, predictions [B, n, H, W, C] (component order), assignment [B, n] (slot per
-    component),
+    targets, predictions [B, n, H, W, C] (component order; with norm_target in locally
+    normalised space), assignment [B, n] (slot per component),
+    images, reconstructions [B, n, H, W, C]: the originals and the predictions in image space
+    (ImageNet-normalised; with norm_target the predictions are de-normalised with each
+    original's own local statistics), what pictures show,
     metrics              (the scalars the trainer logs: loss_component_k, loss_mix).
   """
   check_objective_config(config)
@@ -334,8 +352,12 @@ def build_objective(config: ml_collections.ConfigDict, model: MIMModel) -> Calla
     sums = masked_error_sums(preds, targets, pixel_masks, config.loss_type)
     per_component = masked_reconstruction_loss(sums, pixel_masks, in_chans)
     loss = jnp.sum(per_component)
+    # Pictures only: unused by the train step, so XLA drops it there.
+    recons = (denormalize_targets(preds, components, config.norm_target_patch_size)
+              if config.norm_target else preds)
     aux = dict(loss_components=per_component, inputs=blend, token_mask=tokens, masks=masks,
-               targets=targets, predictions=preds, assignment=assignment)
+               targets=targets, predictions=preds, assignment=assignment, images=components,
+               reconstructions=recons)
 
     if config.mix_loss_weight > 0:
       # Loss3 of Fig. 2: the recomposed blend against the blend of the (unmasked) targets, on

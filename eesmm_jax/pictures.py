@@ -34,9 +34,11 @@ def reconstruction_grid(aux: dict, max_rows: int = 4) -> np.ndarray:
   """Two rows per blended sample, columns: the n originals, the blended masked input, the n
   reconstructions. Row 'raw': the decoder's output everywhere. Row 'pasted': each original with
   its masked blocks greyed, and each reconstruction with the visible pixels pasted over it (as
-  MAE's figures show). Labelled; uint8 [H', W', 3]."""
+  MAE's figures show). Images in image space: with norm_target the predictions are shown
+  de-normalised with each original's local statistics (`objectives.denormalize_targets`), so
+  a reconstruction looks like the image it recovers. Labelled; uint8 [H', W', 3]."""
   aux = jax.device_get(aux)
-  targets, preds, inputs = aux["targets"], aux["predictions"], aux["inputs"]
+  targets, preds, inputs = aux["images"], aux["reconstructions"], aux["inputs"]
   masks = aux["masks"]
   rows, n, h, w, _ = targets.shape
   rows = min(rows, max_rows)
@@ -57,6 +59,17 @@ def reconstruction_grid(aux: dict, max_rows: int = 4) -> np.ndarray:
   labels = ([f"original {k + 1}" for k in range(n)] + ["masked blend"] +
             [f"recon {k + 1}" for k in range(n)])
   return _labelled(grid, labels, w * zoom, row_labels, h * zoom)
+
+
+def tile_grid(rows: list, column_labels: list[str], row_labels: list[str]) -> np.ndarray:
+  """Rows of ImageNet-normalised images [H, W, C] as one labelled uint8 picture, small images
+  enlarged to be seen (the figure of `eesmm_jax.tools.study`)."""
+  h, w = np.shape(rows[0][0])[:2]
+  grid = np.concatenate([np.concatenate([_to_uint8(np.asarray(t)) for t in row], axis=1)
+                         for row in rows], axis=0)
+  zoom = max(1, 96 // h)
+  grid = np.repeat(np.repeat(grid, zoom, axis=0), zoom, axis=1)
+  return _labelled(grid, column_labels, w * zoom, row_labels, h * zoom)
 
 
 def write_reconstructions(workdir: str, step: int, aux: dict, writer=None) -> str:

@@ -1,13 +1,12 @@
 """What is fed: the one place a run asks for its input, TF-free at import.
 
-The 'synthetic' source is numpy (`synthetic`), so a pretraining run on it (and the benchmark, the
-FLOPs count, the converter and the model) needs neither TensorFlow nor TFDS: the accelerator
-images this project is run on carry JAX, Flax, Optax and Orbax but no TensorFlow. Real images (an
-image folder, TFDS) go through tf.data in `tfdata`, imported only when such a source is asked
-for. 'shards' (`shards`: a split prepared once by `python -m eesmm_jax.prepare`) is numpy too:
-its batches are stored-size images that the train step crops and flips on the device
-(`device_augment`), for pretraining; tf.data stays the input of TFDS, folders and fine-tuning.
-What every path shares (the data config, `Source`, the rows of a process) is `common`'s.
+The 'synthetic' source (`synthetic`), the IDX datasets 'fashion_mnist' and 'mnist' (`idx`, read
+into memory) and 'shards' (`shards`: a split prepared once by `python -m eesmm_jax.prepare`,
+cropped and flipped on the device by `device_augment`, pretraining only) are numpy, so a run on
+them needs neither TensorFlow nor TFDS: the accelerator images this project is run on carry JAX,
+Flax, Optax and Orbax but no TensorFlow. Other real images (an image folder, TFDS) go through
+tf.data in `tfdata` and `finetune_input`, imported only when such a source is asked for. What
+every path shares (the data config, `Source`, the rows of a process) is `common`'s.
 """
 from __future__ import annotations
 
@@ -15,8 +14,9 @@ from typing import Iterator, Optional
 
 import ml_collections
 
-from eesmm_jax.data.common import (MEAN_RGB, NAMED_DATASETS, STDDEV_RGB, Source,  # noqa: F401
-                                   default_data_config, normalize, process_rows)
+from eesmm_jax.data.common import (IDX_DATASETS, MEAN_RGB, NAMED_DATASETS,  # noqa: F401
+                                   STDDEV_RGB, Source, default_data_config,
+                                   finetune_data_config, normalize, process_rows)
 from eesmm_jax.data.synthetic import synthetic_batches
 
 NUMPY_DATASETS = ("synthetic", "shards")  # read without TensorFlow
@@ -32,6 +32,14 @@ def _tf_pipeline():
   return tfdata
 
 
+def _idx(config):
+  """The numpy IDX module when `config` names an IDX dataset, else None."""
+  if config.dataset in IDX_DATASETS:
+    from eesmm_jax.data import idx
+    return idx
+  return None
+
+
 def open_source(config: ml_collections.ConfigDict, split: Optional[str] = None) -> Source:
   """Checks the source (an unknown name, a missing data_dir, a folder without a readable image
   raise a ValueError) and sizes it, once."""
@@ -40,13 +48,15 @@ def open_source(config: ml_collections.ConfigDict, split: Optional[str] = None) 
     return Source(int(config.synthetic_examples))
   if config.dataset == "shards":
     return _shards().open_source(config)
+  if _idx(config):
+    return _idx(config).open_source(config, split)
   return _tf_pipeline().open_source(config, split)
 
 
 def check_data_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any compile, on a dataset that cannot be read (see
-  `tfdata.check_data_config`; shards: no index, a shard missing or truncated, img_size above
-  the stored size)."""
+  `tfdata.check_data_config`, `idx.check_data_config`; shards: no index, a shard missing or
+  truncated, img_size above the stored size)."""
   if config.dataset == "synthetic":
     if config.synthetic_examples < 1:
       raise ValueError(f"config.data.synthetic_examples must be >= 1, got "
@@ -55,6 +65,8 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
   if config.dataset == "shards":
     _shards().open_shards(config)
     return
+  if _idx(config):
+    return _idx(config).check_data_config(config)
   _tf_pipeline().check_data_config(config)
 
 
@@ -64,6 +76,8 @@ def num_examples(config: ml_collections.ConfigDict, split: Optional[str] = None)
     return int(config.synthetic_examples)
   if config.dataset == "shards":
     return _shards().open_shards(config).num_examples
+  if _idx(config):
+    return _idx(config).num_examples(config, split)
   return _tf_pipeline().num_examples(config, split)
 
 
@@ -81,6 +95,10 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: in
   if config.dataset == "shards":
     return _shards().pretrain_batches(config, global_batch, start_step, source=source,
                                       process_index=process_index, process_count=process_count)
+  if _idx(config):
+    return _idx(config).create_pretrain_iterator(config, global_batch, start_step,
+                                                 process_index=process_index,
+                                                 process_count=process_count)
   return _tf_pipeline().create_pretrain_iterator(config, global_batch, start_step, source=source,
                                                  process_index=process_index,
                                                  process_count=process_count)
@@ -91,9 +109,54 @@ def create_eval_iterator(config: ml_collections.ConfigDict, global_batch: int,
                          process_count: Optional[int] = None) -> Iterator[dict]:
   """One ordered pass over `split` for probes and evaluation: centre crops, the last batches
   padded, 'mask' False on padding (`tfdata.create_eval_iterator`)."""
+  if _idx(config):
+    return _idx(config).create_eval_iterator(config, global_batch, split,
+                                             process_index=process_index,
+                                             process_count=process_count)
   if config.dataset in NUMPY_DATASETS:
     raise ValueError(f"dataset {config.dataset!r} has no evaluation split: evaluate on the "
                      f"folder or TFDS source (tf.data)")
   return _tf_pipeline().create_eval_iterator(config, global_batch, split,
                                              process_index=process_index,
                                              process_count=process_count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning's input: labelled, augmented batches (tf.data's `finetune_input`, or numpy).
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """Classes of the labelled dataset `config` names."""
+  if _idx(config):
+    return _idx(config).NUM_CLASSES
+  from eesmm_jax.data import finetune_input  # TensorFlow
+  return finetune_input.num_classes(config)
+
+
+def check_finetune_input(config: ml_collections.ConfigDict, aug: ml_collections.ConfigDict
+                         ) -> None:
+  """Refuses augmentation the source's fine-tuning input does not do, before any compile."""
+  if _idx(config):
+    _idx(config).check_finetune_aug(aug)
+
+
+def finetune_image_dtype(config: ml_collections.ConfigDict) -> str:
+  """What the fine-tuning input's images are: 'uint8' (numpy sources) or 'float32'."""
+  return "uint8" if _idx(config) else "float32"
+
+
+def create_finetune_iterator(config: ml_collections.ConfigDict, aug: ml_collections.ConfigDict,
+                             global_batch: int, start_step: int = 0, *,
+                             process_index: Optional[int] = None,
+                             process_count: Optional[int] = None) -> Iterator[dict]:
+  """This process's {'image': [b, S, S, 3], 'label': int32 [b]}, batch k of the run first when
+  start_step = k; images float32 normalised (tf.data), or uint8 (`finetune_image_dtype`) that
+  the step normalises on the device."""
+  if _idx(config):
+    return _idx(config).create_finetune_iterator(config, global_batch, start_step,
+                                                 process_index=process_index,
+                                                 process_count=process_count)
+  from eesmm_jax.data import finetune_input  # TensorFlow
+  return finetune_input.create_finetune_iterator(config, aug, global_batch, start_step,
+                                                 process_index=process_index,
+                                                 process_count=process_count)

@@ -9,20 +9,25 @@ import ml_collections
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
-NAMED_DATASETS = ("imagenet2012", "cifar10", "cifar100", "folder", "synthetic", "shards")
+NAMED_DATASETS = ("imagenet2012", "cifar10", "cifar100", "folder", "synthetic", "shards",
+                  "fashion_mnist", "mnist")
+# Read from IDX files into memory by numpy (`idx`): no TensorFlow.
+IDX_DATASETS = ("fashion_mnist", "mnist")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """SimMIM's pretraining input at 192 px."""
   c = ml_collections.ConfigDict()
-  # 'imagenet2012' | 'cifar10' | 'cifar100' | 'folder' | 'synthetic' | 'shards' | any TFDS image
-  # dataset by name, optionally written 'tfds:<name>' (e.g. 'tfds:oxford_flowers102').
-  # 'shards': a split prepared once by `python -m eesmm_jax.prepare` (data/shards.py), read
-  # without TensorFlow, cropped and flipped on the device (pretraining only).
+  # 'imagenet2012' | 'cifar10' | 'cifar100' | 'folder' | 'synthetic' | 'shards' | 'fashion_mnist' |
+  # 'mnist' (IDX files, numpy) | any TFDS image dataset by name, optionally written 'tfds:<name>'
+  # (e.g. 'tfds:oxford_flowers102'). 'shards': a split prepared once by `python -m
+  # eesmm_jax.prepare` (data/shards.py), read without TensorFlow, cropped and flipped on the
+  # device (pretraining only).
   c.dataset = "imagenet2012"
   # TFDS data_dir (imagenet2012 needs it: manual download), the image folder for 'folder':
-  # data_dir/split/<class>/<image> (ImageFolder layout, labelled) or a folder of images, or the
-  # shard directory for 'shards' (one split: config.split is not read).
+  # data_dir/split/<class>/<image> (ImageFolder layout, labelled) or a folder of images, the
+  # shard directory for 'shards' (one split: config.split is not read), or the folder of the IDX
+  # files ('fashion_mnist': default the Debian package's).
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.split = "train"
   c.img_size = 192
@@ -36,6 +41,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.prefetch = -1               # batches; -1 = AUTOTUNE ('shards': 2), 0 = none
   c.synthetic_examples = 1_281_167  # the 'epoch' of 'synthetic' (ImageNet-1k train size)
   c.eval_crop_pct = 0.875       # evaluation: resize to img_size / crop_pct, centre crop
+  return c
+
+
+def finetune_data_config() -> ml_collections.ConfigDict:
+  """The pretraining data config with the fine-tuning crop and an evaluation split."""
+  c = default_data_config()
+  c.img_size = 224
+  c.crop_scale = (0.08, 1.0)
+  c.eval_split = "validation"
   return c
 
 

@@ -30,6 +30,7 @@ import ml_collections
 import tensorflow as tf
 
 from eesmm_jax.data import tfdata as ip
+from eesmm_jax.data.common import finetune_data_config  # noqa: F401  (its home was here)
 
 # timm's `_RAND_INCREASING_TRANSFORMS` (the 'inc1' op set), in its order.
 RANDAUG_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
@@ -39,15 +40,6 @@ RANDAUG_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreas
 # Geometric ops fill with the ImageNet mean in [0, 255], as timm's `img_mean`.
 FILL_RGB = tuple(round(255 * m) for m in ip.MEAN_RGB)
 TRANSLATE_PCT = 0.45
-
-
-def finetune_data_config() -> ml_collections.ConfigDict:
-  """The pretraining data config with the fine-tuning crop and an evaluation split."""
-  c = ip.default_data_config()
-  c.img_size = 224
-  c.crop_scale = (0.08, 1.0)
-  c.eval_split = "validation"
-  return c
 
 
 # ----------------------------------------------------------------------------- RandAugment ops

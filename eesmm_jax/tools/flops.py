@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,14 @@ def train_step_flops(variant: str, img_size: int, window_size: int, num_mix: int
   return step_flops(encoder, objective, images)
 
 
-def step_flops(encoder, objective: ml_collections.ConfigDict, images: int) -> float:
+def step_flops(encoder, objective: ml_collections.ConfigDict, images: int,
+               device: Optional[jax.Device] = None) -> float:
   """FLOPs of one compiled train step over `images` images: value_and_grad of `objective` on
-  `encoder` (any Swin built with use_mask_token=True, num_classes=0) plus an AdamW update."""
+  `encoder` (any Swin built with use_mask_token=True, num_classes=0) plus an AdamW update.
+
+  `device`: compile for that device (default JAX's). A GPU's compiled count misses the matmuls
+  that became cuBLAS calls (tools/benchmark.py's `flops_per_image`), so counts that must agree
+  across machines are taken on a CPU device (`jax.devices('cpu')[0]`)."""
   model = objectives.build_model(objective, encoder)
   loss_fn = objectives.build_objective(objective, model)
   tx = optax.adamw(1e-4, weight_decay=0.05)
@@ -52,6 +58,9 @@ def step_flops(encoder, objective: ml_collections.ConfigDict, images: int) -> fl
                           jax.ShapeDtypeStruct((1,) + image, jnp.float32),
                           jax.ShapeDtypeStruct((1, side, side), jnp.int32))["params"]
   opt_state = jax.eval_shape(tx.init, params)
+  place = (lambda tree: tree) if device is None else (lambda tree: jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(device)), tree))
 
   def train_step(params, opt_state, batch, rng):
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, True)
@@ -60,7 +69,8 @@ def step_flops(encoder, objective: ml_collections.ConfigDict, images: int) -> fl
 
   batch = jax.ShapeDtypeStruct((images,) + image, jnp.float32)
   rng = jax.eval_shape(jax.random.key, 0)
-  cost = jax.jit(train_step).lower(params, opt_state, batch, rng).compile().cost_analysis()
+  args = place((params, opt_state, batch, rng))
+  cost = jax.jit(train_step).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX returns one dict per computation
     cost = cost[0]
   return float(cost["flops"])
