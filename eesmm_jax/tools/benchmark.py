@@ -224,7 +224,7 @@ def flops_per_image(lowered, batch: int, config=None, impls: Optional[dict] = No
   192/6 SimMIM's 69 GFLOPs per image), and on a mesh it counts replicated work per device.
 
   Backends behind the PJRT C API (JAX 0.11's CUDA plugin) have no cost analysis before
-  compilation (`lowered.cost_analysis()` is None: every cell of the eighth session's second H200
+  compilation (`lowered.cost_analysis()` is None: every cell of the 2026-11-28 H200
   run), so with `config` the same step is traced again for one CPU device and counted there,
   with the encoder's forms `impls` (its `impl` and `attention_impl`; None: 'auto' for the CPU).
   None where that fails too (a cuDNN custom call has no CPU lowering)."""

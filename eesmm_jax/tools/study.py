@@ -375,7 +375,7 @@ def finetune_top1(workdir: str) -> float:
 
 def trainer_seconds(workdir: str, batch_size: int) -> float:
   """Pretraining time as the trainer measured it: each metrics.jsonl row's steps at its
-  images/s. Compilation is left out (the trainer times from the end of each session's first
+  images/s. Compilation is left out (the trainer times from the end of each process's first
   step), so a run that hit the compilation cache and one that did not, or one that was resumed,
   read the same; steps re-run after a resume count once."""
   rows = {}
