@@ -1,4 +1,4 @@
-"""Where the step's kernels, compile time and memory go (issue 13), beside PyTorch.
+"""Where the step's kernels, compile time and memory go, beside PyTorch.
 
   python -m eesmm_jax.tools.kernel_bench kernels   # Linear, LayerNorm, head, patches, attention
   python -m eesmm_jax.tools.kernel_bench profile [--size 224/7]   # the step's time by kind of op
@@ -20,7 +20,7 @@ the parameter tree, so it is a different optimizer: a compile-time comparison on
 `memory`: a config's per-device need at its batch on `--devices` devices, from XLA's memory
 analysis of its step compiled at 6 and 12 images on one device and extrapolated linearly in the
 images (shapes only: nothing is allocated), and the fewest `micro_batches` that fit
-`--device_gb`. Numbers and their reading: docs/timing.md and the configs' docstrings.
+`--device_gb`. Numbers and their reading: docs/performance.md and the configs' docstrings.
 """
 from __future__ import annotations
 
