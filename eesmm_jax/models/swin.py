@@ -41,7 +41,7 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 # the matmuls against weights (qkv, proj, fc1, fc2: 9C numbers per token) and recomputes
 # LayerNorm, GELU, softmax and the window-attention einsums; those einsums have batch dimensions,
 # which is how this policy leaves them out (keeping their [windows, heads, N, N] logits too would
-# cost more memory than the few FLOPs it saves; docs/timing.md, "Rematerialisation").
+# cost more memory than the few FLOPs it saves; docs/performance.md).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -353,7 +353,7 @@ class BasicLayer(nn.Module):
     The params are stacked here from the per-block leaves: the tree stays `blocks_{j}` and
     gradients reach each leaf back through the stack. The price is a stacked copy of the params
     and one of their gradients in the step, so remat pays only from a few images per device on
-    (docs/timing.md, "Rematerialisation").
+    (docs/performance.md).
     """
     params = self.variables["params"]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),

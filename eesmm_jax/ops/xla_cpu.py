@@ -5,7 +5,7 @@ attention einsums, written so that XLA:CPU runs them fast: every sum over tokens
 a matmul, the tokens are merged into one matmul axis, and the LayerNorm and the attention take
 their own backward passes with each product in the batched-dot form XLA:CPU runs best. Values
 and gradients equal the portable forms' (tests/test_swin.py); the measurements behind each
-choice are in docs/timing.md (`python -m eesmm_jax.kernel_bench kernels` reproduces them).
+choice are in docs/performance.md (`python -m eesmm_jax.tools.kernel_bench kernels` reproduces them).
 """
 from __future__ import annotations
 

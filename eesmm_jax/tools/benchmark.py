@@ -507,7 +507,7 @@ def markdown(cells: list[dict], meta: dict, command: str) -> str:
       "CPUs); device-h = device-hours = wall hours x devices, for 1,281,167 images per epoch. "
       "The paper's 'GPU-h/ep' is Sec. 4.2's 'GPU hours per epoch' and 'h/800 ep' is Table 1's "
       "total pretraining hours (4 x V100 32 GB for EESMM); the two are not in the same unit "
-      "(see docs/timing.md). Torch rows run SimMIM only; their GFLOPs are XLA's count of the "
+      "(see docs/performance.md). Torch rows run SimMIM only; their GFLOPs are XLA's count of the "
       "same SimMIM step.",
       "",
       "| backbone | img/win | method | impl | dtype | batch | step ms | img/s | img/s/dev "
@@ -704,7 +704,7 @@ def _interleaved(jobs: list[dict], steps: int) -> list[dict]:
   On a shared machine a step's time drifts by tens of per cent within minutes, so cells timed
   one after another compare their minutes as much as their steps; here each cell sees the same
   minutes. And no cell runs in a heap another framework has carved up: JAX steps timed after
-  PyTorch's in one process spent 70-330 ms each in page faults (docs/timing.md)."""
+  PyTorch's in one process spent 70-330 ms each in page faults (docs/performance.md)."""
   import multiprocessing
 
   context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited JAX state
