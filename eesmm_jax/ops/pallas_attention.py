@@ -1,7 +1,7 @@
 """Swin window attention as fused Pallas kernels (forward and backward) for Triton on the GPU.
 
 `window_attention(qkv, bias, scale)` computes softmax(scale q k^T + bias[w % nW, h]) v in every
-window b_ = image * nW + w and head h, with the contract of `models.swin.window_attention_cpu`:
+window b_ = image * nW + w and head h, with the contract of `ops.xla_cpu.window_attention_cpu`:
 qkv [B_, N, 3, heads, d] as the qkv projection writes it (any float dtype), bias float32
 [nW, heads, N, N] (relative-position bias, plus the -100 shift mask when shifted), scale a Python
 float; it returns [B_, N, heads * d] in qkv's dtype. It is a `jax.custom_vjp` whose forward and
