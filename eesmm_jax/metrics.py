@@ -67,7 +67,8 @@ def _drop_rows_after(path: str, step: int) -> None:
       kept.append(line if line.endswith("\n") else line + "\n")  # the next row starts a line
   if torn:
     which = (f"its last line ({len(lines[-1])} bytes)" if torn == [len(lines)] else
-             f"{len(torn)} line(s) ({', '.join(map(str, torn[:5]))}{' ...' if len(torn) > 5 else ''})")
+             f"{len(torn)} line(s) ({', '.join(map(str, torn[:5]))}"
+             f"{' ...' if len(torn) > 5 else ''})")
     sharding.say(f"{path}: dropped {which}, not a whole row (a write cut short, e.g. by a full "
                  f"disk or a kill); the resume logs its steps again")
   if kept != lines:
