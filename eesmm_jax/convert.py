@@ -402,9 +402,10 @@ def _checkpoint_steps(directory: str) -> list[int]:
   return [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
 
 
-def latest_checkpoint_params(directory: str) -> dict:
-  """The params of the latest checkpoint of a pretraining or fine-tuning workdir, as numpy; a
-  pretraining checkpoint's encoder (its decoder left out). Reads only: creates nothing there."""
+def latest_checkpoint_params(directory: str, encoder_only: bool = True) -> dict:
+  """The params of the latest checkpoint of a pretraining or fine-tuning workdir, as numpy; of a
+  pretraining checkpoint, the encoder's (the decoder left out) unless not `encoder_only`. Reads
+  only: creates nothing there."""
   import orbax.checkpoint as ocp
   steps = _checkpoint_steps(directory)
   if not steps:
@@ -414,7 +415,8 @@ def latest_checkpoint_params(directory: str) -> dict:
   latest = os.path.join(os.path.abspath(directory), "checkpoints", str(max(steps)), "default")
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(latest)["params"]
-  params = params.get("encoder", params)
+  if encoder_only:
+    params = params.get("encoder", params)
   return jax.tree_util.tree_map(np.asarray, params)
 
 

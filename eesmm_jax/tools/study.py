@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from eesmm_jax import cli, data
+from eesmm_jax import cli, convert, data
 from eesmm_jax import finetune, objectives, pictures, probe, train
 from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
@@ -701,9 +701,9 @@ def draw_reconstructions(out: str, preset: Preset, records: list[dict], data_dir
     run = Run("simmim" if n == 1 else "eesmm", n, epochs, seed)
     config = pretrain_config(preset, run, data_dir)
     params = _KEPT.get((n, epochs))
-    if params is None:  # finished before this invocation: the trainer restores it
-      with run_console(os.path.join(out, "runs", run.name, "console.log")):
-        params = train.pretrain(config, os.path.join(out, "runs", run.name, "pretrain")).params
+    if params is None:  # finished before this invocation: its last checkpoint, read back
+      params = convert.latest_checkpoint_params(os.path.join(out, "runs", run.name, "pretrain"),
+                                                encoder_only=False)
     model = objectives.build_model(config.objective, study_encoder(config))
     loss_fn = objectives.build_objective(config.objective, model)
     auxes[n] = jax.device_get(jax.jit(lambda p, v: loss_fn(p, v, jax.random.PRNGKey(0),

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from eesmm_jax import finetune, train
+from eesmm_jax import step as step_lib
 from eesmm_jax.data import tfdata
-from eesmm_jax.models import swin
 from eesmm_jax.tools import flops
 from eesmm_jax.tools import study
 from tests import FAST_COMPILE
@@ -40,8 +41,27 @@ def quick(tmp_path_factory):
     return out, json.load(f), done.stdout
 
 
+def test_study_json_holds_the_runs_and_the_baselines(quick):
+  _, study_json, _ = quick
+  assert study_json["preset"] == "quick" and study_json["runs_not_started"] == []
+  assert (study_json["train_examples"], study_json["test_examples"]) == (1437, 360)
+  base = study_json["baselines"]
+  # Raw pixels on the digits: a linear probe and a k-NN well above chance.
+  assert 0.5 < base["pixels"]["probe_acc"] <= 1.0 and 0.5 < base["pixels"]["knn_acc"] <= 1.0
+  scratch = [r for r in study_json["runs"] if r["method"] == "scratch"]
+  assert base["scratch"]["finetune_acc"]["seeds"] == len(scratch) == len(QUICK.seeds)
+  assert base["scratch"]["finetune_acc"]["mean"] == pytest.approx(
+      np.mean([r["finetune_acc"] for r in scratch]))
+  assert base["random_init"]["probe_acc"]["mean"] == pytest.approx(
+      np.mean([r["probe_acc"] for r in scratch]))
+  figure = study_json["figure"]
+  with Image.open(os.path.join(quick[0], figure["path"])) as png:
+    assert png.size[0] > 5 * 32 and png.size[1] > figure["test_images"] * 32
+
+
 def test_quick_preset_writes_every_field_of_every_record(quick):
-  out, records, console = quick
+  out, study_json, console = quick
+  records = study_json["runs"]
   # The console is the progress line alone: the trainers' lines and library logs are in the
   # runs' console.log files.
   assert console and all(line.startswith("study: ") for line in console.splitlines())
@@ -69,20 +89,23 @@ def test_quick_preset_writes_every_field_of_every_record(quick):
 
 
 def test_rerun_skips_finished_runs(quick, monkeypatch):
-  out, records, _ = quick
+  """A rerun trains nothing: the records are read back and the figure's encoders restored
+  from their checkpoints."""
+  out, study_json, _ = quick
   calls = []
   monkeypatch.setattr(train, "pretrain", lambda *a, **k: calls.append("pretrain"))
   monkeypatch.setattr(finetune, "run", lambda *a, **k: calls.append("finetune"))
-  assert study.main(["--preset", "quick", "--out", out]) == records
+  monkeypatch.setattr(study, "_KEPT", {})
+  again = study.main(["--preset", "quick", "--out", out])
   assert calls == []
+  assert again["runs"] == study_json["runs"] and again["baselines"] == study_json["baselines"]
+  assert again["figure"] == study_json["figure"]
 
 
 def test_flops_column_is_the_flops_count_times_the_steps(quick):
-  out, records, _ = quick
+  out, study_json, _ = quick
+  records = study_json["runs"]
   data_dir = os.path.join(out, "digits")
-  # The encoder built here from the preset directly, not through the study's helper.
-  encoder = swin.create_model("swin_tiny", img_size=32, num_classes=0, use_mask_token=True,
-                              drop_path_rate=0.0, **QUICK.model)
   per_step = {}
   for r in records:
     if r["method"] == "scratch":
@@ -90,7 +113,11 @@ def test_flops_column_is_the_flops_count_times_the_steps(quick):
     config = study.pretrain_config(QUICK, study.Run(r["method"], r["num_mix"], r["epochs"],
                                                     r["seed"]), data_dir)
     if r["num_mix"] not in per_step:
-      per_step[r["num_mix"]] = flops.step_flops(encoder, config.objective, QUICK.batch_size)
+      # The encoder as the trainer builds it from the run's config, not the study's helper;
+      # the FLOPs are counted on a CPU device as the study counts them.
+      encoder = step_lib.create_encoder(config, num_classes=0, use_mask_token=True)
+      per_step[r["num_mix"]] = flops.step_flops(encoder, config.objective, QUICK.batch_size,
+                                                jax.devices("cpu")[0])
     steps = int(r["epochs"] * (tfdata.num_examples(config.data) // QUICK.batch_size))
     assert r["steps"] == steps
     assert r["pretrain_flops"] == pytest.approx(per_step[r["num_mix"]] * steps, rel=1e-9)
@@ -136,11 +163,14 @@ def test_tables_pair_equal_epochs_equal_compute_and_mark_the_seed_spread():
   assert ("equal compute (FLOPs x1.10)", "EESMM n=2 2 ep", "SimMIM 1 ep") in pairs
   assert not any(b == "SimMIM 2 ep" and "compute" in what for what, _, b in pairs)
   assert ("ablation", "EESMM n=2 2 ep (rotate=True)", "EESMM n=2 2 ep") in pairs
-  assert len([p for p in pairs if p[0] == "vs no pretraining"]) == 5
+  assert len([p for p in pairs if p[0] == "vs random init / scratch"]) == 5
   by_label = {study.cell_label(c): c for c in cells}
   # +1 point with std 1 on each side: inside the spread; +20 points with 0 and 1: beyond it.
   assert not study.beyond_spread(by_label["EESMM n=2 1 ep"], by_label["SimMIM 1 ep"], "knn_acc")
   assert study.beyond_spread(by_label["EESMM n=2 2 ep (rotate=True)"], by_label["EESMM n=2 2 ep"],
                              "knn_acc")
-  text = study.markdown(records, "quick", "python -m eesmm_jax.tools.study ...", 1.0)
+  study_json = dict(preset="quick", quick=False, command="python -m eesmm_jax.tools.study ...",
+                    runs=records, runs_not_started=[], baselines=dict(
+                        pixels=dict(probe_acc=0.6, knn_acc=0.6)))
+  text = study.markdown(study_json, QUICK, 1.0)
   assert "| ablation | EESMM n=2 2 ep (rotate=True) | EESMM n=2 2 ep | **+18.0** |" in text
