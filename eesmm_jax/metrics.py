@@ -78,6 +78,24 @@ def _drop_rows_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def timed_seconds(workdir: str, batch_size: int) -> tuple[int, float]:
+  """(steps, seconds) of a pretraining run's timed steps, from the rates its metrics.jsonl rows
+  logged: each row's images/s covers the steps since the previous row. The trainer times from
+  the end of its first step (which compiles), so step 1 is not among them; a step logged again
+  after a resume counts once (its last row); a torn line is left out."""
+  rates = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+    for line in f:
+      step = _row_step(line)
+      if step is not None:
+        rates[step] = json.loads(line).get("images_per_sec")
+  seconds, last = 0.0, 1
+  for step in sorted(s for s in rates if s > 1 and rates[s]):
+    seconds += (step - last) * batch_size / rates[step]
+    last = step
+  return last - 1, seconds
+
+
 class OutputError(RuntimeError):
   """An output of the run (metrics.jsonl, TensorBoard events, a picture) could not be written:
   the run stopped with a checkpoint (the message names the file, the cause and the step)."""

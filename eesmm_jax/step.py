@@ -203,6 +203,15 @@ def device_memory_bytes(config) -> Optional[int]:
   return stats.get("bytes_limit")
 
 
+def fewest_micro_batches(fixed: int, temps: int, micro_batches: int, limit: int,
+                         allowed: Callable[[int], bool], start: int = 1) -> Optional[int]:
+  """The fewest micro-batches j >= `start` (at most 64, `allowed(j)`) with which a step fits in
+  `limit` bytes: the `fixed` bytes (params, optimizer state, batch) stay, the activations
+  (`temps` bytes at `micro_batches`) shrink with the slice. None where none fits."""
+  return next((j for j in range(start, 65)
+               if allowed(j) and fixed + temps * micro_batches / j <= limit), None)
+
+
 def compile_train_step(plan, state: TrainState, batch) -> Any:
   """The plan's step compiled for `batch` (arrays or ShapeDtypeStructs with shardings), after
   checking that it fits the device: a step that cannot fit stops here, before any training,
@@ -222,11 +231,11 @@ def compile_train_step(plan, state: TrainState, batch) -> Any:
     m = compiled.memory_analysis()
     fixed, temps = needed - m.temp_size_in_bytes, m.temp_size_in_bytes
     k = plan.config.micro_batches
-    fits = [j for j in range(k + 1, 65) if plan.config.batch_size % (plan.group * plan.mesh.size
-                                                                   * j) == 0
-            and fixed + temps * k / j <= limit]
-    hint = (f"--config.micro_batches={fits[0]} (about {gib(fixed + temps * k / fits[0])})"
-            if fits else "a smaller config.batch_size")
+    split = plan.group * plan.mesh.size
+    fit = fewest_micro_batches(fixed, temps, k, limit, start=k + 1,
+                               allowed=lambda j: plan.config.batch_size % (split * j) == 0)
+    hint = (f"--config.micro_batches={fit} (about {gib(fixed + temps * k / fit)})"
+            if fit else "a smaller config.batch_size")
     raise MemoryError(
         f"the train step needs {gib(needed)} per device (XLA memory analysis: {gib(fixed)} "
         f"params, optimizer state and batch, {gib(temps)} activations) but the device has "

@@ -48,7 +48,7 @@ from eesmm_jax.ops import xla_cpu
 
 def _median_ms(call) -> float:
   """Median ms of 20 calls after one; `call` must block (jax.block_until_ready, torch eager)."""
-  from eesmm_jax.tools.benchmark import timed_steps
+  from eesmm_jax.tools.benchmark.cells import timed_steps
   return statistics.median(timed_steps(call, steps=20, warmup=1)) * 1e3
 
 
@@ -269,7 +269,8 @@ def profile(steps: int = 3, cell: tuple = ("swin_mini", 192, 6)) -> None:
   import tempfile
 
   import torch
-  from eesmm_jax.tools import benchmark as bench
+  from eesmm_jax.tools.benchmark import cells as bench
+  from eesmm_jax.tools.benchmark import torch_ref
 
   torch.set_num_threads(2)
   *_, state, images, _, compiled, _ = bench.jax_step(*cell, num_mix=1, batch=12, dtype="float32")
@@ -297,7 +298,7 @@ def profile(steps: int = 3, cell: tuple = ("swin_mini", 192, 6)) -> None:
       jax_ms[kinds[e["name"]]] += e["dur"] / 1e3 / steps
   del holder, state, compiled
 
-  run_torch = bench.torch_step(*cell, batch=12, dtype="float32", mode="eager")
+  run_torch = torch_ref.torch_step(*cell, batch=12, dtype="float32", mode="eager")
   for _ in range(2):
     run_torch()
   torch_ms = collections.Counter()
@@ -330,7 +331,7 @@ def profile(steps: int = 3, cell: tuple = ("swin_mini", 192, 6)) -> None:
 def compile_times() -> None:
   import optax
   from eesmm_jax import plan as plan_lib
-  from eesmm_jax.tools.benchmark import BACKBONES
+  from eesmm_jax.tools.flops import BACKBONES
   from eesmm_jax.config import pretrain_config
 
   c = pretrain_config()
@@ -391,12 +392,13 @@ def memory(configs: list[str], devices: int, device_gb: float) -> None:
     pixels, per_image = (args12 - args6) / 6, (temps12 - temps6) / 6
     fixed = args6 + temps6 - 6 * (pixels + per_image)  # params, optimizer state, workspace
     total = lambda k: fixed + per_device * pixels + per_image * per_device / k
-    fits = [k for k in range(1, 65) if (per_device // n) % k == 0 and total(k) <= device_gb * gib]
+    fit = step_lib.fewest_micro_batches(fixed + per_device * pixels, per_image * per_device, 1,
+                                        device_gb * gib, lambda k: (per_device // n) % k == 0)
     print(f"{spec}: {per_device} images per device need {total(1) / gib:.1f} GiB "
           f"({fixed / gib:.2f} GiB params, optimizer state and workspace, "
           f"{per_image / 2 ** 20:.0f} MiB of activations per image); "
-          + (f"micro_batches={fits[0]} fits {device_gb:g} GB ({total(fits[0]) / gib:.1f} GiB)"
-             if fits else f"no micro_batches fits {device_gb:g} GB"), flush=True)
+          + (f"micro_batches={fit} fits {device_gb:g} GB ({total(fit) / gib:.1f} GiB)"
+             if fit else f"no micro_batches fits {device_gb:g} GB"), flush=True)
 
 
 def main(argv=None) -> None:
@@ -411,7 +413,7 @@ def main(argv=None) -> None:
   if args.what == "kernels":
     kernels()
   elif args.what == "profile":
-    from eesmm_jax.tools.benchmark import parse_size
+    from eesmm_jax.tools.benchmark.runner import parse_size
     profile(cell=("swin_mini", *parse_size(args.size)))
   elif args.what == "compile":
     compile_times()

@@ -21,9 +21,8 @@ through tf.data):
   features (`probe`), and end-to-end fine-tuning (`finetune.run`) with all labels and, on
   Fashion-MNIST, with fixed class-balanced 10% and 1% subsets of them (the same images for every
   method and seed);
-* compute: the train step's FLOPs as XLA counts them on a CPU device (`flops.step_flops`; a
-  GPU's compiled count misses its cuBLAS matmuls) times the steps run, and the trainer's
-  measured step time.
+* compute: the train step's FLOPs (`flops.step_flops`, the project's one count) times the
+  steps run, and the trainer's measured step time (`metrics.timed_seconds`).
 
 Writes, under --out: study.json ({'runs': one record per run, 'baselines': pixels' probe and
 k-NN, the random encoder's, scratch's fine-tuning at each label fraction, ...}), study.md
@@ -64,10 +63,11 @@ from absl import logging as absl_logging
 
 from eesmm_jax import cli, convert, data
 from eesmm_jax import finetune, objectives, pictures, probe, train
+from eesmm_jax import metrics as metrics_lib
 from eesmm_jax import step as step_lib
 from eesmm_jax import workdir as workdir_lib
 from eesmm_jax.configs import demo as demo_config
-from eesmm_jax.tools import benchmark
+from eesmm_jax.tools.benchmark import cells as bench_cells
 from eesmm_jax.tools import flops
 
 NUM_CLASSES = 10          # the digits, Fashion-MNIST's classes
@@ -317,12 +317,6 @@ def finetune_config(pretrain: ml_collections.ConfigDict, preset: Preset,
 # The encoder and its evaluations.
 
 
-def study_encoder(config: ml_collections.ConfigDict):
-  """The Swin of `config.model` as pretraining builds it (mask token, no head): the one place
-  the study builds an encoder, for the FLOPs count and the frozen features."""
-  return step_lib.create_encoder(config, num_classes=0, use_mask_token=True)
-
-
 def encoder_params(encoder, state, seed: int):
   """The pretrained encoder's params from `state`, what the trainer returned (restored from the
   workdir's last checkpoint when the run had finished before), or, without a state (scratch),
@@ -373,35 +367,16 @@ def finetune_top1(workdir: str) -> float:
     return float(json.load(f)["top1"])
 
 
-def trainer_seconds(workdir: str, batch_size: int) -> float:
-  """Pretraining time as the trainer measured it: each metrics.jsonl row's steps at its
-  images/s. Compilation is left out (the trainer times from the end of each process's first
-  step), so a run that hit the compilation cache and one that did not, or one that was resumed,
-  read the same; steps re-run after a resume count once."""
-  rows = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for row in map(json.loads, f):
-      rows[row["step"]] = row["images_per_sec"]
-  seconds, previous = 0.0, 0
-  for step in sorted(rows):
-    seconds += (step - previous) * batch_size / rows[step]
-    previous = step
-  return seconds
-
-
 _FLOPS: dict = {}
 
 
 def flops_per_step(config: ml_collections.ConfigDict) -> float:
-  """XLA's FLOPs of one pretraining step of `config` (`flops.step_flops`) compiled for a CPU
-  device, whatever runs the study, once per model, objective and batch: seeds and budgets
-  share it."""
+  """`flops.step_flops` of `config`'s pretraining step, once per model, objective and batch:
+  seeds and budgets share it."""
   key = json.dumps([config.model.to_dict(), config.objective.to_dict(), config.batch_size,
                     config.dtype], sort_keys=True)
   if key not in _FLOPS:
-    encoder = study_encoder(config)
-    _FLOPS[key] = flops.step_flops(encoder, config.objective, config.batch_size,
-                                   jax.devices("cpu")[0])
+    _FLOPS[key] = flops.step_flops(config)
   return _FLOPS[key]
 
 
@@ -532,11 +507,13 @@ def execute(preset: Preset, run: Run, run_dir: str, data_dir: Optional[str], ima
       record["steps"] = int(state.step)
       record["flops_per_step"] = flops_per_step(config)
       record["pretrain_flops"] = record["flops_per_step"] * record["steps"]
-      record["pretrain_seconds"] = trainer_seconds(pretrain_dir, config.batch_size)
+      # The trainer's measured step time (compilation excluded) over every step run.
+      timed, seconds = metrics_lib.timed_seconds(pretrain_dir, config.batch_size)
+      record["pretrain_seconds"] = seconds * record["steps"] / max(timed, 1)
       if run.num_mix in (1, 2) and not run.objective and run.seed == preset.seeds[0]:
         _KEPT[(run.num_mix, run.epochs)] = state.params
     phase("linear probe and k-NN")
-    encoder = study_encoder(config)
+    encoder = step_lib.create_encoder(config, num_classes=0, use_mask_token=True)
     features = frozen_features(encoder, encoder_params(encoder, state, run.seed), images)
     record.update(frozen_scores(features["train"], features["test"]))
     for percent, key in FRACTION_KEYS.items():
@@ -704,7 +681,8 @@ def draw_reconstructions(out: str, preset: Preset, records: list[dict], data_dir
     if params is None:  # finished before this invocation: its last checkpoint, read back
       params = convert.latest_checkpoint_params(os.path.join(out, "runs", run.name, "pretrain"),
                                                 encoder_only=False)
-    model = objectives.build_model(config.objective, study_encoder(config))
+    encoder = step_lib.create_encoder(config, num_classes=0, use_mask_token=True)
+    model = objectives.build_model(config.objective, encoder)
     loss_fn = objectives.build_objective(config.objective, model)
     auxes[n] = jax.device_get(jax.jit(lambda p, v: loss_fn(p, v, jax.random.PRNGKey(0),
                                                            False)[1])(params, x))
@@ -863,7 +841,7 @@ def markdown(study: dict, preset: Preset, wall_seconds: float) -> str:
       f"# Does EESMM pay off? Preset `{study['preset']}`" + (" (--quick)" if study["quick"]
                                                              else ""), "",
       f"`{study['command']}`: {len(records)} runs; this invocation took {_hms(wall_seconds)} "
-      f"({benchmark.cpu_model()}, {os.cpu_count()} cores, "
+      f"({bench_cells.cpu_model()}, {os.cpu_count()} cores, "
       f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
       f"{time.strftime('%Y-%m-%d')}).", ""]
   if study["runs_not_started"]:
@@ -894,7 +872,7 @@ def markdown(study: dict, preset: Preset, wall_seconds: float) -> str:
       + (" (fixed class-balanced subsets, the same images for every method and seed)"
          if len(preset.finetune_epochs) > 1 else "") + ".",
       f"* Accuracies: top-1 (%) mean ± std over seeds {seeds}. Pretraining FLOPs: XLA's count "
-      f"of one train step (compiled for a CPU device) times the steps; seconds: the trainer's "
+      f"of one train step (`flops.step_flops`) times the steps; seconds: the trainer's "
       f"measured step time (compilation excluded).", "",
       "## Baselines", "",
       "| baseline | seeds | " + " | ".join(name for _, name in cols) + " |",

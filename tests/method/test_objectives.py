@@ -16,6 +16,7 @@ from eesmm_jax import objectives
 from eesmm_jax.convert import torch_to_flax
 from eesmm_jax.models import swin
 from eesmm_jax.models.decoders import pixel_shuffle
+from eesmm_jax.tools.benchmark.torch_ref import TorchSimMIM
 from tests import torch_ref
 
 IMG = 32
@@ -239,29 +240,8 @@ def test_jit_and_gradients_reach_the_mask_token_and_the_decoder(overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# Against PyTorch: timm Swin + mask token + Conv2d + PixelShuffle + SimMIM's masked L1.
-
-
-class TorchSimMIM(torch.nn.Module):
-  """microsoft/SimMIM's `SimMIM` over timm's Swin modules (the encoder's `forward` is
-  SwinTransformerForSimMIM's)."""
-
-  def __init__(self, encoder, stride):
-    super().__init__()
-    self.encoder = encoder
-    self.mask_token = torch.nn.Parameter(0.02 * torch.randn(1, 1, encoder.embed_dim))
-    self.decoder = torch.nn.Sequential(
-        torch.nn.Conv2d(encoder.num_features, stride ** 2 * 3, 1), torch.nn.PixelShuffle(stride))
-
-  def forward(self, x, mask):
-    z = self.encoder.patch_embed(x)
-    w = mask.unsqueeze(-1).type_as(z)
-    z = z * (1.0 - w) + self.mask_token * w
-    z = self.encoder.norm(self.encoder.layers(z)).permute(0, 3, 1, 2)
-    x_rec = self.decoder(z)
-    mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).contiguous()
-    loss_recon = F.l1_loss(x, x_rec, reduction="none")
-    return (loss_recon * mask).sum() / (mask.sum() + 1e-5) / 3
+# Against PyTorch: timm Swin + mask token + Conv2d + PixelShuffle + SimMIM's masked L1, the
+# benchmark's PyTorch reference module.
 
 
 @pytest.mark.parity

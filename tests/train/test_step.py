@@ -42,7 +42,7 @@ def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_p
     from absl.testing import flagsaver  # noqa: F401  (absl itself is allowed)
     from absl import app
     from eesmm_jax import main
-    from eesmm_jax.tools import benchmark
+    from eesmm_jax.tools.benchmark import runner
     sys.argv = ["main", "--config", "configs/demo.py", "--workdir", {str(tmp_path / "run")!r},
                 "--config.data.dataset=synthetic", "--config.data.synthetic_examples=32",
                 "--config.batch_size=16", "--config.total_steps=2", "--config.log_every=1",
@@ -53,7 +53,7 @@ def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_p
       assert not e.code, e.code
     rows = [json.loads(l) for l in open({str(tmp_path / "run" / "metrics.jsonl")!r})]
     assert [r["step"] for r in rows] == [1, 2], rows
-    status = benchmark.main(["--preset", "cpu-small", "--out", {str(tmp_path / "timing")!r},
+    status = runner.main(["--preset", "cpu-small", "--out", {str(tmp_path / "timing")!r},
                              "--backbones", "swin_micro", "--sizes", "64/2",
                              "--methods", "eesmm2", "--batch", "4", "--steps", "1",
                              "--warmup", "0", "--torch", "none", "--dtype", "float16",
@@ -61,10 +61,10 @@ def test_synthetic_pretraining_and_benchmark_run_without_tensorflow_or_clu(tmp_p
     assert status == 0
     # The fp16 cell is the trainer's step, dynamic loss scale included (float32 cells carry
     # none: test_benchmark checks them); its loop mode times the whole trainer loop beside it
-    # (loosely: two steps on a busy machine).
+    # (loosely: one timed step each on a busy machine).
     (cell,) = json.load(open({str(tmp_path / "timing" / "timing.json")!r}))
     assert cell["dtype"] == "float16" and cell["loss_scale"] > 0, cell
-    assert cell["loop_images_per_sec"] > 0 and 0.05 < cell["loop_vs_step"] < 3, cell
+    assert cell["loop_images_per_sec"] > 0 and 0.05 < cell["loop_vs_step"] < 10, cell
     assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "clu")
                 and sys.modules[m] is not None]
     print("ok")
@@ -88,11 +88,13 @@ def test_a_folder_is_listed_once_per_run(tmp_path, monkeypatch):
 
 
 def test_a_benchmark_whose_only_cell_fails_exits_non_zero(tmp_path):
-  """batch 3 cannot be split into pairs: the cell fails, the tables are written, exit 1."""
+  """A cell whose data folder does not exist fails when it is built (flags are checked before:
+  the grid's sizes and batch); the tables are written, exit 1."""
   proc = subprocess.run(
       [sys.executable, "-m", "eesmm_jax.tools.benchmark", "--preset", "cpu-small", "--out",
        str(tmp_path), "--backbones", "swin_micro", "--sizes", "64/2", "--methods", "eesmm2",
-       "--batch", "3", "--steps", "1", "--warmup", "0", "--torch", "none"],
+       "--batch", "2", "--steps", "1", "--warmup", "0", "--torch", "none", "--data", "folder",
+       "--data_dir", str(tmp_path / "no_such_folder")],
       capture_output=True, text=True, timeout=600, cwd=ROOT,
       env={**os.environ, "XLA_FLAGS": xla_flags(1)})
   assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
