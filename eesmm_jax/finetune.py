@@ -97,6 +97,8 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
   if config.mode in ("eval", "probe") and not config.init_from:
     raise ValueError(f"config.mode={config.mode!r} needs config.init_from: the checkpoint to "
                      f"evaluate or probe")
+  if config.mode == "eval" and os.path.isdir(config.init_from):
+    _check_head_classes(config)
   for key in ("batch_size", "eval_batch_size"):
     if not isinstance(config[key], int) or config[key] < 1 or config[key] % num_devices:
       raise ValueError(f"config.{key}={config[key]} must be a positive multiple of the "
@@ -112,6 +114,24 @@ def _check(config: ml_collections.ConfigDict, workdir: str, num_devices: int) ->
     data.check_finetune_input(config.data, config.aug)
   plan_lib.check_workdir(workdir)
   return classes
+
+
+def _check_head_classes(config) -> None:
+  """The head of a fine-tuned workdir scores its own training classes: evaluating it on a
+  folder whose classes are others (or in another order) would count right answers as wrong."""
+  trained = workdir_lib.recorded_classes(config.init_from)
+  current = data.class_names(config.data)
+  if trained is None or current is None or trained == current:
+    return
+  only_trained = sorted(set(trained) - set(current))
+  only_here = sorted(set(current) - set(trained))
+  diff = "; ".join(part for part in (
+      only_trained and f"{len(only_trained)} only in its training ({', '.join(only_trained[:5])})",
+      only_here and f"{len(only_here)} only here ({', '.join(only_here[:5])})") if part)
+  raise ValueError(f"init_from {config.init_from!r} was fine-tuned on other classes than "
+                   f"{config.data.data_dir!r} split {config.data.split!r} has: "
+                   f"{diff or 'the same names in another order'}; evaluate on its training data's "
+                   f"classes")
 
 
 def plan_finetuning(config, mesh, workdir: str, num_classes: int) -> plan_lib.Plan:

@@ -71,8 +71,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
         data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
                                       source=p.source),
         lambda batch: sharding.global_batch_from_local(batch["image"], p.data_sharding))
-    # Unreadable files a folder source skips (logged by name when it was listed).
-    num_bad_images = len(p.source.bad_images)
     picture_batch = None
     last = steps if stop_after is None else min(steps, stop_after)
     sharding.line_up_processes("first step")
@@ -90,7 +88,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
         # Fixed images for the reconstruction grids, so the pictures compare over time.
         picture_batch = images[: min(config.objective.num_mix * 4, images.shape[0])]
       if logged:
-        run.log.write(step, {**metrics, "bad_images": num_bad_images})
+        # Unreadable files a folder source skips: left out when it was listed, or replaced
+        # when their batch was built (the input appends those as it meets them).
+        run.log.write(step, {**metrics, "bad_images": len(p.source.bad_images)})
       if step == start + 1:
         run.log.start(step)  # throughput is measured from here on (a first row includes it)
       if config.picture_every and (step % config.picture_every == 0 or step == steps):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gzip
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from eesmm_jax import checkpoints, metrics, sharding, step as step_lib
+from eesmm_jax import checkpoints, data, metrics, sharding, step as step_lib
 from eesmm_jax.checkpoints import CheckpointError  # noqa: F401  (raised through Run)
 
 # Config keys (or groups: "objective" is every objective.* key) whose change makes a resume
@@ -171,6 +172,98 @@ def check_resume_config(workdir: str, config, step: int) -> None:
         f"{', '.join(refused)} (see config.json there); resuming under them would not continue "
         f"that run: use the old values, another --workdir, or "
         f"--config.resume_allow={','.join(refused)} to resume anyway")
+
+
+# ----------------------------------------------------------------------------------------------
+# The data a workdir's run started on.
+
+DATA_RECORD, DATA_NAMES = "data.json", "data_names.txt.gz"
+
+
+def record_data(workdir: str, record: dict, names) -> None:
+  """Writes `<workdir>/data.json` (and a folder's listing beside it, gzipped) when absent or
+  changed: what the checkpoints from now on were trained on (`data.describe`)."""
+  if not sharding.is_lead():
+    return
+  path = os.path.join(workdir, DATA_RECORD)
+  try:
+    with open(path, encoding="utf-8") as f:
+      if json.load(f) == record:
+        return
+  except (OSError, ValueError):
+    pass
+  names_path = os.path.join(workdir, DATA_NAMES)
+  if names is not None:
+    tmp = f"{names_path}.tmp{os.getpid()}"
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+      f.write("\n".join(names))
+    os.replace(tmp, names_path)
+  elif os.path.exists(names_path):
+    os.remove(names_path)
+  write_json_atomically(path, record)
+
+
+def recorded_classes(workdir: str):
+  """The class names a workdir's run trained on (its data.json), or None."""
+  try:
+    with open(os.path.join(workdir, DATA_RECORD), encoding="utf-8") as f:
+      return json.load(f).get("classes")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def _recorded_names(workdir: str):
+  try:
+    with gzip.open(os.path.join(workdir, DATA_NAMES), "rt", encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, EOFError):
+    return None
+  return text.split("\n") if text else []
+
+
+def data_change(workdir: str, record: dict, names) -> str:
+  """'' when the data is the one recorded in the workdir (or nothing is recorded), else what
+  changed, in words: images added and removed for a folder, else the record's fields."""
+  path = os.path.join(workdir, DATA_RECORD)
+  if not os.path.exists(path):
+    return ""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    saved = None
+  if not isinstance(saved, dict):  # derived from the data: rebuilt below, after a line
+    sharding.say(f"{path} does not read back (truncated?): recording the current data anew")
+    return ""
+  if saved.get("digest") == record["digest"]:
+    return ""
+  old = _recorded_names(workdir) if names is not None else None
+  if old is not None:
+    old_set, new_set = set(old), set(names)
+    added, removed = len(new_set - old_set), len(old_set - new_set)
+    if added or removed:
+      return f"{record['what']}: {added} images added, {removed} removed"
+  if saved.get("what") != record["what"]:
+    return f"the data was {saved.get('what')}, now {record['what']}"
+  return (f"{record['what']}: {saved.get('num_examples')} examples then, "
+          f"{record['num_examples']} now" if saved.get("num_examples") != record["num_examples"]
+          else f"{record['what']}: its content changed")
+
+
+def check_resume_data(workdir: str, config, record: dict, names, step: int) -> None:
+  """Refuses to resume on data other than the run's (the order of every later step would
+  differ from the original run's) unless `config.resume_allow` names 'data'."""
+  change = data_change(workdir, record, names)
+  if not change:
+    return
+  line = (f"{change} since step {step}: the data order from here differs from the original "
+          f"run")
+  allowed = {k.strip() for k in (config.get("resume_allow") or "").split(",")}
+  if "data" in allowed:
+    sharding.say(f"{line} (resume_allow names data: resuming anyway)")
+    return
+  raise ValueError(f"{line}; restore the data, use another --workdir, or "
+                   f"--config.resume_allow=data to resume anyway")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,9 +416,11 @@ class Run:
       manager = checkpoints.checkpoint_manager(self.workdir, config.keep_checkpoints)
       self.checkpoints = checkpoints.Checkpoints(manager, checkpoints.tree_bytes(plan.state_shapes))
       resumed = []
+      data_record, data_names = data.describe(config.data, plan.source)
 
       def on_resume(step):
         check_resume_config(self.workdir, config, step)
+        check_resume_data(self.workdir, config, data_record, data_names, step)
         resumed.append(step)
 
       self.state = checkpoints.restore_or_init(manager, plan.state_shapes, plan.state_sharding, init,
@@ -339,6 +434,7 @@ class Run:
         sharding.say(f"{self.workdir} is already at step {self.start} of {self.total}: nothing to "
              f"train")
       record_config(self.workdir, config)
+      record_data(self.workdir, data_record, data_names)
       self.log = metrics.MetricsLog(self.workdir, self.total, config.batch_size, plan.mesh.size,
                             self.start)
       self.watch = FiniteWatch(manager, config.max_skipped_steps, config.dtype == "float16")

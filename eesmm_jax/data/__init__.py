@@ -10,6 +10,7 @@ every path shares (the data config, `Source`, the rows of a process) is `common`
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional
 
 import ml_collections
@@ -51,6 +52,46 @@ def open_source(config: ml_collections.ConfigDict, split: Optional[str] = None) 
   if _idx(config):
     return _idx(config).open_source(config, split)
   return _tf_pipeline().open_source(config, split)
+
+
+def describe(config: ml_collections.ConfigDict, source: Source) -> tuple[dict, Optional[list]]:
+  """What a run's data is, to tell on resume whether it is still the data the run started on:
+  ({'what', 'num_examples', 'digest', ['classes']}, the names of its examples or None).
+
+  A folder's digest covers its listing (relative paths, so a moved copy is the same data) and
+  the names are that listing, so a change can be told as images added and removed; prepared
+  shards are their index; TFDS its name, version and split; the IDX sets and synthetic data
+  their split and size (their content is fixed)."""
+  import hashlib
+  import json
+  names, classes = None, None
+  if config.dataset == "folder":
+    root = _tf_pipeline().folder_root(config.data_dir, config.split)
+    paths, labels, folder_classes = source.listing
+    prefix = root.rstrip("/") + "/"
+    names = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root)
+             for p in paths]
+    classes = None if labels is None else list(folder_classes)
+    what, content = f"folder {os.path.abspath(root)}", "\n".join(names)
+  elif config.dataset == "shards":
+    shards = source.listing
+    classes = shards.classes
+    what, content = f"shards {os.path.abspath(shards.path)}", json.dumps(shards.index,
+                                                                          sort_keys=True)
+  elif config.dataset == "synthetic":
+    what, content = "synthetic", f"{config.synthetic_examples} {config.img_size}"
+  elif _idx(config):
+    what, content = f"{config.dataset} {config.split}", config.split
+  else:
+    builder = _tf_pipeline()._tfds_builder(config)
+    what = f"tfds {builder.name} {builder.version} {config.split}"
+    content = what
+  digest = hashlib.sha256(
+      f"{config.dataset}|{source.num_examples}|{content}".encode()).hexdigest()
+  record = {"what": what, "num_examples": int(source.num_examples), "digest": digest}
+  if classes is not None:
+    record["classes"] = list(classes)
+  return record, names
 
 
 def check_data_config(config: ml_collections.ConfigDict) -> None:
@@ -131,6 +172,14 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
     return _idx(config).NUM_CLASSES
   from eesmm_jax.data import finetune_input  # TensorFlow
   return finetune_input.num_classes(config)
+
+
+def class_names(config: ml_collections.ConfigDict) -> Optional[list]:
+  """A folder's training classes (config.split's sub-directories), whose indices are the labels
+  of every split; None for the other sources (their labels are their published numbering)."""
+  if config.dataset != "folder":
+    return None
+  return _tf_pipeline().training_classes(config)
 
 
 def check_finetune_input(config: ml_collections.ConfigDict, aug: ml_collections.ConfigDict

@@ -323,5 +323,6 @@ def make_finetune_dataset(data: ml_collections.ConfigDict, aug: ml_collections.C
 def create_finetune_iterator(data, aug, global_batch: int, start_step: int = 0, *,
                              process_index=None, process_count=None) -> Iterator[dict]:
   """Numpy batches of this process; batch k of the run first when start_step = k."""
-  return make_finetune_dataset(data, aug, global_batch, start_step, process_index=process_index,
-                               process_count=process_count).as_numpy_iterator()
+  return ip.numpy_batches(make_finetune_dataset(data, aug, global_batch, start_step,
+                                               process_index=process_index,
+                                               process_count=process_count), data)

@@ -60,7 +60,13 @@ from absl import logging
 from eesmm_jax.data.common import (MEAN_RGB, NAMED_DATASETS, STDDEV_RGB, Source,  # noqa: F401
                                    default_data_config, process_rows)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# What tf.io.decode_image decodes (a GIF's first frame); files named as other image formats are
+# named once as skipped, so a folder of .webp files does not shrink without a word.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+OTHER_IMAGE_EXTENSIONS = (".webp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ppm")
+# A position whose image cannot be read when its batch is built takes the image at the next
+# stream position instead (same epoch, same augmentation seed), up to this many tries.
+STAND_IN_TRIES = 16
 _FOREVER = 2 ** 62  # the end of Dataset.range for unbounded streams
 
 
@@ -268,7 +274,8 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
   _tfds_builder(config)
 
 
-def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int]], list[str]]:
+def list_folder(data_dir: str, split: str, classes: Optional[list[str]] = None
+                ) -> tuple[list[str], Optional[list[int]], list[str]]:
   """(sorted readable image paths, labels or None, class names) of a 'folder' dataset.
 
   The root is data_dir/split when that directory exists, else data_dir. A root with
@@ -276,9 +283,13 @@ def list_folder(data_dir: str, split: str) -> tuple[list[str], Optional[list[int
   index), images found recursively below each. A root without them is a plain folder of images,
   unlabelled. Files that do not decode are left out (see `bad_images`). Symbolic links are
   followed, each real directory once (so a link to a parent is no loop), and an image reached
-  by several paths is listed once; a link that leads nowhere is a bad image.
+  by several paths is listed once; a link that leads nowhere is a bad image. Hidden
+  directories (.ipynb_checkpoints, .git) are not classes and are not descended into.
+
+  `classes`: the training split's class names, for an evaluation split: labels are then their
+  indices, and a class the training split lacks is refused by name.
   """
-  paths, labels, classes, _ = _list_and_check_folder(data_dir, split)
+  paths, labels, classes, _ = _list_and_check_folder(data_dir, split, classes)
   return paths, labels, classes
 
 
@@ -332,6 +343,8 @@ def _local_images(top: str, seen_dirs: set[str]) -> list[tuple[str, str]]:
       except OSError:  # a link loop (ELOOP): no directory
         is_dir = False
       if is_dir:
+        if e.name.startswith("."):  # .ipynb_checkpoints, .git, .Trash: never data
+          continue
         if real in seen_dirs:
           _warn_once(path, "not following %s: it leads to %s, which is listed already (a "
                      "symbolic link loop, or a second link to it)", path, real)
@@ -347,7 +360,15 @@ def _local_images(top: str, seen_dirs: set[str]) -> list[tuple[str, str]]:
         continue
       if e.name.lower().endswith(IMAGE_EXTENSIONS):
         found.append((path, real))
+      elif e.name.lower().endswith(OTHER_IMAGE_EXTENSIONS):
+        _note_other_format(top, path)
   return sorted(found)
+
+
+def _note_other_format(top: str, path: str) -> None:
+  _warn_once(f"other-format:{top}", "skipping the %s files below %s (first: %s): tf.data decodes "
+             "JPEG, PNG, GIF and BMP; convert them to be read", os.path.splitext(path)[1], top,
+             path)
 
 
 def _link_problem(path: str) -> str:
@@ -372,15 +393,19 @@ def _is_local_dir(entry: os.DirEntry) -> bool:
     return False
 
 
-def _list_and_check_folder(data_dir, split):
+def folder_root(data_dir: str, split: str) -> str:
+  """data_dir/split when that directory exists, else data_dir."""
   if not data_dir:
     raise ValueError("dataset 'folder' needs config.data_dir: a folder of JPEG/PNG images, or "
                      "one in ImageFolder layout data_dir/<split>/<class>/<image>")
   if not tf.io.gfile.isdir(data_dir):
     raise ValueError(f"config.data_dir {data_dir!r} is not a directory")
   root = os.path.join(data_dir, split)
-  if not tf.io.gfile.isdir(root):
-    root = data_dir
+  return root if tf.io.gfile.isdir(root) else data_dir
+
+
+def _list_and_check_folder(data_dir, split, classes=None):
+  root = folder_root(data_dir, split)
 
   if _is_local(root):
     # Classes are the directories of the root (links to directories included). They and the
@@ -391,14 +416,17 @@ def _list_and_check_folder(data_dir, split):
         entries = list(it)
     except OSError as e:
       raise ValueError(f"cannot list {root!r}: {e.strerror}") from e
-    classes = sorted(e.name for e in entries if _is_local_dir(e))
+    found_classes = sorted(e.name for e in entries
+                           if not e.name.startswith(".") and _is_local_dir(e))
+    classes = _class_list(root, found_classes, classes)
+    label_of = {c: i for i, c in enumerate(classes)}
     seen_dirs = {os.path.realpath(root)}
-    seen_dirs |= {os.path.realpath(os.path.join(root, c)) for c in classes}
+    seen_dirs |= {os.path.realpath(os.path.join(root, c)) for c in found_classes}
     if classes:
       for e in entries:  # _local_images says this of the links in the classes
         if e.is_symlink() and not os.path.exists(e.path):  # perhaps meant as a class
           _warn_once(e.path, "ignoring %s: %s", e.path, _link_problem(e.path))
-      found = [(i, p, real) for i, c in enumerate(classes)
+      found = [(label_of[c], p, real) for c in found_classes
                for p, real in _local_images(os.path.join(root, c), seen_dirs)]
     else:  # a plain folder (no directories in it: nothing to descend into)
       found = [(None, p, real) for p, real in _local_images(root, seen_dirs)]
@@ -418,18 +446,22 @@ def _list_and_check_folder(data_dir, split):
     def images_below(d):
       found = []
       for dirpath, _, files in tf.io.gfile.walk(d):
+        if any(part.startswith(".") for part in os.path.relpath(dirpath, d).split("/")
+               if part != "."):
+          continue
         found += [os.path.join(dirpath, f) for f in files
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
       return sorted(found)
 
-    classes = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(root)
-                     if tf.io.gfile.isdir(os.path.join(root, e)))
+    found_classes = sorted(e.rstrip("/") for e in tf.io.gfile.listdir(root)
+                           if not e.startswith(".") and tf.io.gfile.isdir(os.path.join(root, e)))
+    classes = _class_list(root, found_classes, classes)
     if classes:
       paths, labels = [], []
-      for i, c in enumerate(classes):
+      for c in found_classes:
         found = images_below(os.path.join(root, c))
         paths += found
-        labels += [i] * len(found)
+        labels += [classes.index(c)] * len(found)  # once per class
     else:
       paths = sorted(os.path.join(root, f) for f in tf.io.gfile.listdir(root)
                      if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -446,6 +478,22 @@ def _list_and_check_folder(data_dir, split):
     labels = [label for p, label in zip(paths, labels) if not problems[p]]
   paths = [p for p in paths if not problems[p]]
   return paths, labels, classes, bad
+
+
+def _class_list(root: str, found: list[str], training: Optional[list[str]]) -> list[str]:
+  """The classes whose indices are the labels: the folder's own, or training's when given (an
+  evaluation split), which must then hold every class the folder has. A split missing some of
+  training's classes is evaluated on those it has, with training's indices."""
+  if training is None or not found:
+    return found
+  extra = sorted(set(found) - set(training))
+  if extra:
+    raise ValueError(f"{root!r} has classes the training split does not: "
+                     f"{', '.join(map(repr, extra[:10]))}{' ...' if len(extra) > 10 else ''} "
+                     f"(training's {len(training)}: {', '.join(map(repr, training[:10]))}"
+                     f"{' ...' if len(training) > 10 else ''}); evaluate on a split of the "
+                     f"same classes")
+  return list(training)
 
 
 # A folder's verdicts: a header naming the format, then one line per file: mtime_ns, size,
@@ -465,6 +513,10 @@ def image_problem(path: str) -> str:
   and so finds truncation, as TF's decoder would.
   """
   from PIL import Image  # pillow is a dependency; imported where used, like the demo data
+  # tf.data decodes any size its memory allows (a JPEG's crop window only, in training), and
+  # the check below decodes a JPEG at 1/8 scale: pillow's decompression-bomb guard (179 M
+  # pixels) would refuse images the trainer reads.
+  Image.MAX_IMAGE_PIXELS = None
   try:
     if _is_local(path):
       with open(path, "rb") as f:
@@ -523,6 +575,22 @@ def _read_manifest(path: str) -> dict[str, tuple]:
   return _manifests[path]
 
 
+def _freshest_manifest(candidates: list[str]) -> dict[str, tuple]:
+  """The entries of the most recently written readable manifest: a stale one left in a folder
+  made read-only since must not win over the one kept in the cache after it."""
+  found = []
+  for path in candidates:
+    entries = _read_manifest(path)
+    if entries:
+      try:  # tf.io.gfile's local mtime is in whole seconds
+        mtime = (os.stat(path).st_mtime_ns if _is_local(path)
+                 else tf.io.gfile.stat(path).mtime_nsec)
+      except (OSError, tf.errors.OpError):
+        continue
+      found.append((mtime, entries))
+  return max(found, key=lambda f: f[0])[1] if found else {}
+
+
 def _write_manifest(candidates: list[str], entries: dict) -> None:
   text = _MANIFEST_HEADER + "\n" + "".join(
       "\t".join(map(str, entry)) + f"\t{rel}\n" for rel, entry in sorted(entries.items()))
@@ -565,7 +633,7 @@ def check_images(root: str, paths: list[str]) -> dict[str, str]:
   changing (group membership, a remounted share). Links that lead nowhere are bad images too;
   their verdicts are not kept (nothing to key them by)."""
   candidates = _manifest_paths(root)
-  known = next((m for m in map(_read_manifest, candidates) if m), {})
+  known = _freshest_manifest(candidates)
   local = _is_local(root)
 
   def verdict(path):
@@ -603,9 +671,20 @@ def check_images(root: str, paths: list[str]) -> dict[str, str]:
   return problems
 
 
+def training_classes(config: ml_collections.ConfigDict) -> Optional[list[str]]:
+  """The class names of a folder's training split (config.split), whose indices every other
+  split's labels take; None when it has no classes."""
+  _, labels, classes = list_folder(config.data_dir, config.split)
+  return None if labels is None else classes
+
+
 def _folder_source(config, process_index, process_count, split=None) -> _Source:
-  """Evaluation: strided shards, so each process sees every class; every image is kept."""
-  paths, labels, _ = list_folder(config.data_dir, split or config.split)
+  """Evaluation: strided shards, so each process sees every class; every image is kept.
+  Labels are the training split's class indices (an evaluation split may lack classes, not
+  add them), so a probe or an evaluation never scores against another numbering."""
+  split = split or config.split
+  classes = None if split == config.split else training_classes(config)
+  paths, labels, _ = list_folder(config.data_dir, split, classes)
   sl = slice(process_index, None, process_count)
   elements = {"path": paths[sl]}
   if labels is not None:
@@ -661,7 +740,8 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
         lambda k: tf.data.Dataset.range(k * global_batch + first,
                                         k * global_batch + first + local_batch))
     listing = source.listing if source else list_folder(config.data_dir, config.split)
-    ds = positions.map(_folder_examples(config, view, listing), num_parallel_calls=parallel)
+    ds = positions.interleave(_folder_examples(config, view, listing), cycle_length=parallel,
+                              block_length=1, num_parallel_calls=parallel, deterministic=True)
   else:
     ds = _tfds_stream(config, process_index, process_count, start_step * local_batch, view,
                       parallel)
@@ -672,7 +752,12 @@ def make_pretrain_dataset(config: ml_collections.ConfigDict, global_batch: int,
 
 
 def _folder_examples(config, view, listing):
-  """Global stream position -> augmented example of a folder (the module docstring's order)."""
+  """Global stream position -> a dataset of one augmented example of a folder (the module
+  docstring's order). An image that cannot be read or decoded now (it went, or was truncated
+  or overwritten after the folder was checked) is replaced by the image at the next position,
+  under the same augmentation seed, so the batch keeps its size and every process still agrees
+  on its rows; 'wanted' and 'tries' tell `_named_stand_ins` which file failed. After
+  STAND_IN_TRIES failures the element is a zero marker with tries = STAND_IN_TRIES."""
   paths, labels, _ = listing
   n = len(paths)
   table = tf.constant(paths)
@@ -683,17 +768,51 @@ def _folder_examples(config, view, listing):
   shuffle_base = tf.random.experimental.stateless_fold_in([int(config.seed), 1], 0)
   augment_base = tf.random.experimental.stateless_fold_in([int(config.seed), 1], 1)
 
-  def example(i):
-    epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_base, i // n)
-    k = tf.random.experimental.index_shuffle(i % n, epoch_seed, tf.constant(n - 1, tf.int64))
+  def index_at(j):
+    epoch_seed = tf.random.experimental.stateless_fold_in(shuffle_base, j // n)
+    return tf.random.experimental.index_shuffle(j % n, epoch_seed, tf.constant(n - 1, tf.int64))
+
+  def attempt(i, r):
+    k = index_at(i + r)
     raw = table[k] if config.cache else tf.io.read_file(table[k])
     seed = tf.random.experimental.stateless_fold_in(augment_base, i)
-    out = {"image": view(raw, seed)}
+    out = {"image": view(raw, seed), "wanted": index_at(i), "tries": r}
     if label_table is not None:
       out["label"] = label_table[k]
     return out
 
+  def example(i):
+    tries = tf.data.Dataset.range(STAND_IN_TRIES).map(lambda r: attempt(i, r)).ignore_errors()
+    marker = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype),
+                                   tries.element_spec)
+    marker = {**marker, "wanted": index_at(i), "tries": tf.constant(STAND_IN_TRIES, tf.int64)}
+    return tries.concatenate(tf.data.Dataset.from_tensors(marker)).take(1)
+
   return example
+
+
+def _named_stand_ins(batches, listing, bad_images: list):
+  """Numpy batches without the stand-in bookkeeping; an image replaced because it could not be
+  read is logged by name once and appended to `bad_images` (the run's count)."""
+  paths = listing[0]
+  root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+  named = {p for p, _ in bad_images}
+  for batch in batches:
+    tries, wanted = batch.pop("tries"), batch.pop("wanted")
+    if tries.any():
+      if (tries >= STAND_IN_TRIES).any():
+        raise ValueError(f"no readable image in {root!r}: {STAND_IN_TRIES} images in a row "
+                         f"failed to read or decode while a batch was built (the folder "
+                         f"changed since it was listed?)")
+      for k in wanted[tries > 0].tolist():
+        path = paths[k]
+        if path not in named:
+          named.add(path)
+          why = "it could not be read or decoded when its batch was built"
+          bad_images.append((path, why))
+          logging.warning("skipping unreadable image %s: %s (another image of the epoch takes "
+                          "its place)", path, why)
+    yield batch
 
 
 def _tfds_stream(config, process_index, process_count, position, view, parallel):
@@ -733,7 +852,17 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: in
   """
   ds = make_pretrain_dataset(config, global_batch, start_step, process_index=process_index,
                              process_count=process_count, source=source)
-  return ds.as_numpy_iterator()
+  return numpy_batches(ds, config, source)
+
+
+def numpy_batches(ds: tf.data.Dataset, config, source: Optional[Source] = None) -> Iterator[dict]:
+  """`make_pretrain_dataset`'s batches as numpy; a folder's replaced images named and counted
+  in `source.bad_images` (or a list of their own)."""
+  batches = ds.as_numpy_iterator()
+  if config.dataset != "folder":
+    return batches
+  listing = source.listing if source else list_folder(config.data_dir, config.split)
+  return _named_stand_ins(batches, listing, source.bad_images if source else [])
 
 
 def center_crop(raw: tf.Tensor, img_size: int, crop_pct: float) -> tf.Tensor:
