@@ -42,6 +42,10 @@ def run_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Weights to start from: a PyTorch .pth (official, timm or SimMIM layout) or a directory
   # written by `python -m eesmm_jax.convert to-flax` (fine-tuning also takes a workdir).
   c.init_from = ml_collections.config_dict.placeholder(str)
+  # JAX's persistent compilation cache: a program compiled once (the train step takes 30-50 s
+  # on a GPU) is read back by every later run and resume with the same shapes and flags. ''
+  # turns it off.
+  c.compilation_cache_dir = "~/.cache/eesmm_jax/jax_compilation_cache"
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin_base"        # swin_tiny | swin_small | swin_base | swin_large

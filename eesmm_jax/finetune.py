@@ -291,6 +291,7 @@ def finetune(config, workdir: str, mesh, num_classes: int,
   # --- The plan: classifier, loss, steps, optimizer, state and shardings.
   p = plan_finetuning(config, mesh, workdir, num_classes)
   steps = p.total_steps
+  step_lib.use_compilation_cache(config.compilation_cache_dir)
 
   # --- Checkpoint restore, or init from the pretrained encoder.
   def init():
@@ -310,10 +311,15 @@ def finetune(config, workdir: str, mesh, num_classes: int,
                                       sharding=p.data_sharding),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                       sharding=p.data_sharding)})
-    eval_step = jax.jit(make_eval_step(p.model))
+    # The evaluation compiles now too, not at its first use mid-run or after the last step.
+    e = config.eval_batch_size
+    eval_step = jax.jit(make_eval_step(p.model)).lower(state.params, {
+        "image": jax.ShapeDtypeStruct((e, s, s, 3), jnp.float32, sharding=p.data_sharding),
+        "label": jax.ShapeDtypeStruct((e,), jnp.int32, sharding=p.data_sharding),
+        "mask": jax.ShapeDtypeStruct((e,), jnp.bool_, sharding=p.data_sharding)}).compile()
 
-    # --- Loop.
-    batches = step_lib.prefetch(
+    # --- Loop: the input on a thread of its own (`step.BackgroundInput`).
+    batches = step_lib.BackgroundInput(
         data.create_finetune_iterator(config.data, config.aug, config.batch_size,
                                       start_step=start),
         lambda local: {k: sharding.global_batch_from_local(local[k], p.data_sharding)
@@ -330,15 +336,16 @@ def finetune(config, workdir: str, mesh, num_classes: int,
 
     sharding.line_up_processes("first step")
     run.log.start(start)
-    for step in range(start + 1, last + 1):
-      state, metrics = train_step(state, next(batches))
-      logged, periodic, preempted = run.boundary(step, last, metrics)
-      if logged:
-        run.log.write(step, metrics)
-      if run.save(state, step, periodic, preempted):
-        break
-      if config.eval_every and step % config.eval_every == 0 and step != steps:
-        run_eval(step)
+    with batches:
+      for step in range(start + 1, last + 1):
+        state, metrics = train_step(state, next(batches))
+        logged, periodic, preempted = run.boundary(step, last, metrics)
+        if logged:
+          run.log.write(step, metrics)
+        if run.save(state, step, periodic, preempted):
+          break
+        if config.eval_every and step % config.eval_every == 0 and step != steps:
+          run_eval(step)
     # The final evaluation comes after the final save, so it is recorded in eval.json: a run
     # stopped in between finds its last step saved and no eval.json for it, and evaluates now.
     if int(state.step) == steps and _final_eval_step(workdir) != steps:

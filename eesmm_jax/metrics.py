@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -94,6 +95,18 @@ def timed_seconds(workdir: str, batch_size: int) -> tuple[int, float]:
     seconds += (step - last) * batch_size / rates[step]
     last = step
   return last - 1, seconds
+
+
+def host_ms_per_step(workdir: str) -> dict:
+  """{'host_make_ms': median, ...} of the host times the loop logged (`step.HostTimes`) over
+  its rows after the first; {} when it logged none."""
+  rows = []
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+    for line in f:
+      if _row_step(line) not in (None, 1) and '"host_' in line:
+        rows.append(json.loads(line))
+  keys = sorted({k for r in rows for k in r if k.startswith("host_")})
+  return {k: statistics.median(r[k] for r in rows if k in r) for k in keys}
 
 
 class OutputError(RuntimeError):

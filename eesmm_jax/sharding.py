@@ -30,7 +30,10 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def global_batch_from_local(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """This process's rows -> one global array sharded over `data`."""
+  """This process's rows -> one global array sharded over `data` (a source that draws its
+  batches on the mesh, `data.synthetic.device_batches`, gives them global already)."""
+  if isinstance(local, jax.Array):
+    return local
   global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
   return jax.make_array_from_process_local_data(sharding, local, global_shape)
 

@@ -2,7 +2,7 @@
 
 As big_vision keeps its update step beside `train.py`: the train state, the encoder built from a
 config, the objective-agnostic step factory (micro-batches, accumulation, fp16 loss scaling,
-non-finite skips), its compilation with the memory check, and input prefetch. The mesh and
+non-finite skips), its compilation with the memory check, and the input's background thread. The mesh and
 shardings are `sharding.py`'s, weights to start from `models/weights.py`'s, the workdir
 `workdir.py`'s.
 
@@ -11,7 +11,9 @@ accelerator images without it.
 """
 from __future__ import annotations
 
-import collections
+import os
+import queue
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -45,6 +47,19 @@ class NonFiniteError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------
 # Model and state.
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' or None: leaves it off),
+  for programs that took at least a second to compile (the steps, not the small helpers)."""
+  if not directory:
+    return
+  path = os.path.expanduser(directory)
+  if jax.config.jax_compilation_cache_dir == path:
+    return
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def create_encoder(config, mesh: Optional[jax.sharding.Mesh] = None,
@@ -243,12 +258,111 @@ def compile_train_step(plan, state: TrainState, batch) -> Any:
   return compiled
 
 
-def prefetch(batches, put: Callable, size: int = 2):
-  """`put(batch)` (host -> sharded device arrays, asynchronous) `size` batches ahead of the
-  step that takes them, so the copy overlaps the running step."""
-  queue = collections.deque(put(next(batches)) for _ in range(size))
-  while True:
-    queue.append(put(next(batches)))
-    yield queue.popleft()
+class BackgroundInput:
+  """The input of a training loop, made on a thread of its own: `put(next(batches))` (host ->
+  sharded device arrays) up to `size` batches ahead of the step that takes them.
+
+  The training thread only takes the next ready batch, so it dispatches step k + 1 as soon as
+  step k is dispatched, and after a host sync (a log, checkpoint or picture step) the device does
+  not idle while a batch is made. Batches keep their order (one producer), so the stream stays a
+  pure function of (seed, step). An error raised by the input is raised again by `next` on the
+  training thread; `close` stops the thread. `times()`: cumulative seconds the producer spent
+  making and putting batches, and the training thread waiting for one, and the batch count.
+  """
+
+  def __init__(self, batches, put: Callable, size: int = 2):
+    self._queue = queue.Queue(maxsize=max(1, size))
+    self._stop = threading.Event()
+    self._made = self._put = self._waited = 0.0
+    self._count = self._taken = 0
+    self._thread = threading.Thread(target=self._produce, args=(batches, put), daemon=True,
+                                    name="eesmm-input")
+    self._thread.start()
+
+  def _produce(self, batches, put):
+    try:
+      while not self._stop.is_set():
+        t0 = time.perf_counter()
+        local = next(batches)
+        t1 = time.perf_counter()
+        item = put(local)
+        self._made += t1 - t0
+        self._put += time.perf_counter() - t1
+        self._count += 1
+        self._offer((True, item))
+    except BaseException as e:  # noqa: BLE001 - handed to the training thread as it is
+      self._offer((False, e))
+
+  def _offer(self, item) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    t0 = time.perf_counter()
+    ok, value = self._queue.get()
+    self._waited += time.perf_counter() - t0
+    if not ok:
+      self._stop.set()
+      raise value
+    self._taken += 1
+    return value
+
+  def times(self) -> dict:
+    return {"make": self._made, "put": self._put, "made": self._count, "wait": self._waited,
+            "taken": self._taken}
+
+  def close(self) -> None:
+    self._stop.set()
+    while True:  # unblock a producer waiting on a full queue
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=5.0)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
+class _Timer:
+  def __init__(self, times, what):
+    self.times, self.what = times, what
+
+  def __enter__(self):
+    self.t0 = time.perf_counter()
+
+  def __exit__(self, *exc):
+    setattr(self.times, self.what, getattr(self.times, self.what) + time.perf_counter() - self.t0)
+
+
+class HostTimes:
+  """The training loop's host work per step, for its log rows: input (the producer's making
+  and putting of a batch, the training thread's wait for one), the step's dispatch, and the
+  boundary work (checks, logging, saving, pictures), each averaged over the steps since the
+  previous row, in milliseconds."""
+
+  def __init__(self, batches: BackgroundInput):
+    self.batches, self.dispatch, self.boundary = batches, 0.0, 0.0
+    self._last = dict(batches.times(), dispatch=0.0, boundary=0.0)
+
+  def timed(self, what: str):
+    """A context adding its wall time to `what` ('dispatch' or 'boundary')."""
+    return _Timer(self, what)
+
+  def row(self) -> dict:
+    now = dict(self.batches.times(), dispatch=self.dispatch, boundary=self.boundary)
+    d = {k: now[k] - self._last[k] for k in now}
+    self._last = now
+    made, taken = max(d["made"], 1), max(d["taken"], 1)
+    per = {"make": made, "put": made, "wait": taken, "dispatch": taken, "boundary": taken}
+    return {f"host_{k}_ms": 1e3 * d[k] / n for k, n in per.items()}

@@ -20,6 +20,7 @@ import time
 
 import jax
 import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eesmm_jax import data, pictures, plan as plan_lib
 from eesmm_jax import sharding
@@ -42,6 +43,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
   # --- The plan: config checked, every run quantity computed, before anything compiles.
   p = plan_lib.pretraining(config, sharding.make_mesh(devices), workdir)
   workdir, steps = p.workdir, p.total_steps
+  step_lib.use_compilation_cache(config.compilation_cache_dir)
 
   # --- Checkpoint restore, or init (optionally from pretrained encoder weights).
   def init():
@@ -64,41 +66,69 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, devices=None,
         (config.batch_size, p.input_size, p.input_size, p.encoder.in_chans),
         jax.numpy.uint8, sharding=p.data_sharding)
     train_step = step_lib.compile_train_step(p, state, images_shape)
-    picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1])
+    # The pictures' program compiles now, not at the first picture step mid-run.
+    picture_rows = min(config.objective.num_mix * 4, config.batch_size)
+    picture_fn = take_picture_rows = None
+    if config.picture_every:
+      replicated = NamedSharding(p.mesh, P())
+      rows_shape = jax.ShapeDtypeStruct((picture_rows,) + images_shape.shape[1:],
+                                        images_shape.dtype, sharding=replicated)
+      picture_fn = jax.jit(lambda params, images, rng: p.loss_fn(params, images, rng, False)[1]
+                           ).lower(state.params, rows_shape, jax.random.PRNGKey(0)).compile()
+      take_picture_rows = jax.jit(lambda images: images[:picture_rows],
+                                  out_shardings=replicated).lower(images_shape).compile()
+      picture_key = jax.random.PRNGKey(config.seed)
 
-    # --- Loop.
-    batches = step_lib.prefetch(
+    # --- Loop. The input runs on a thread of its own (`step.BackgroundInput`); a logged step's
+    # row is written after the next step is dispatched, so reading its metrics never leaves the
+    # device idle (checkpoint, picture and last steps read at once: they need the state).
+    batches = step_lib.BackgroundInput(
         data.create_pretrain_iterator(config.data, config.batch_size, start_step=start,
-                                      source=p.source),
+                                      source=p.source, sharding=p.data_sharding),
         lambda batch: sharding.global_batch_from_local(batch["image"], p.data_sharding))
-    picture_batch = None
+    host = step_lib.HostTimes(batches)
+    picture_batch, deferred = None, None
     last = steps if stop_after is None else min(steps, stop_after)
+
+    def write_row(step, metrics):
+      # Unreadable files a folder source skips: left out when it was listed, or replaced
+      # when their batch was built (the input appends those as it meets them).
+      run.log.write(step, {**metrics, "bad_images": len(p.source.bad_images), **host.row()})
+
     sharding.line_up_processes("first step")
     run.log.start(start)
-    for step in range(start + 1, last + 1):
-      images = next(batches)
-      state, metrics = train_step(state, images)
-      if step == start + 1:
-        jax.block_until_ready(metrics)  # timed before any log row restarts the clock
-        if run.log.lead:
-          print(f"first step ran in {time.perf_counter() - run.log.last_time:.1f} s (input "
-                f"start-up included)", flush=True)
-      logged, periodic, preempted = run.boundary(step, last, metrics)
-      if config.picture_every and picture_batch is None:
-        # Fixed images for the reconstruction grids, so the pictures compare over time.
-        picture_batch = images[: min(config.objective.num_mix * 4, images.shape[0])]
-      if logged:
-        # Unreadable files a folder source skips: left out when it was listed, or replaced
-        # when their batch was built (the input appends those as it meets them).
-        run.log.write(step, {**metrics, "bad_images": len(p.source.bad_images)})
-      if step == start + 1:
-        run.log.start(step)  # throughput is measured from here on (a first row includes it)
-      if config.picture_every and (step % config.picture_every == 0 or step == steps):
-        aux = picture_fn(state.params, picture_batch, jax.random.PRNGKey(config.seed))
-        # A picture the disk refuses stops the run at this step's save, with a checkpoint.
-        run.log.attempt(step, f"the reconstruction picture in {workdir}/pictures",
-                        lambda: pictures.write_reconstructions(workdir, step, aux,
-                                                               run.log.writer))
-      if run.save(state, step, periodic, preempted):
-        break
+    with batches:
+      for step in range(start + 1, last + 1):
+        images = next(batches)
+        with host.timed("dispatch"):
+          state, metrics = train_step(state, images)
+        with host.timed("boundary"):
+          if deferred:
+            write_row(*deferred)
+            deferred = None
+          if step == start + 1:
+            jax.block_until_ready(metrics)  # timed before any log row restarts the clock
+            if run.log.lead:
+              print(f"first step ran in {time.perf_counter() - run.log.last_time:.1f} s (input "
+                    f"start-up included)", flush=True)
+          logged, periodic, preempted = run.boundary(step, last, metrics)
+          if picture_fn and picture_batch is None:
+            # Fixed images for the reconstruction grids, so the pictures compare over time.
+            picture_batch = take_picture_rows(images)
+          picture = picture_fn and (step % config.picture_every == 0 or step == steps)
+          if logged:
+            if periodic or preempted or picture or step == start + 1:
+              write_row(step, metrics)
+            else:
+              deferred = (step, metrics)
+          if step == start + 1:
+            run.log.start(step)  # throughput is measured from here on (a first row includes it)
+          if picture:
+            aux = picture_fn(state.params, picture_batch, picture_key)
+            # A picture the disk refuses stops the run at this step's save, with a checkpoint.
+            run.log.attempt(step, f"the reconstruction picture in {workdir}/pictures",
+                            lambda: pictures.write_reconstructions(workdir, step, aux,
+                                                                   run.log.writer))
+          if run.save(state, step, periodic, preempted):
+            break
   return state

@@ -379,8 +379,12 @@ class FiniteWatch:
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, {k: metrics[k] for k in self.KEYS if k in metrics}))
 
-  def check(self) -> None:
-    rows, self.pending = jax.device_get(self.pending), []
+  def check(self, everything: bool = True) -> None:
+    """Reads and checks the steps added since the last check; all but the last unless
+    `everything` (which a save needs)."""
+    keep = 0 if everything else 1
+    rows = jax.device_get(self.pending[:len(self.pending) - keep])
+    self.pending = self.pending[len(self.pending) - keep:]
     for step, m in rows:
       if not m["finite"] and not self.fp16:
         raise step_lib.NonFiniteError(
@@ -452,7 +456,9 @@ class Run:
     preempted = self.preemption.reached(step)
     self.synced = logged or periodic or preempted
     if self.synced:
-      self.watch.check()
+      # Before a save every step is checked, the one just dispatched included; at a step that
+      # is only logged, all but that one, so the check does not wait for the device.
+      self.watch.check(everything=periodic or preempted)
       self.checkpoints.check()
     return logged, periodic, preempted
 

@@ -18,7 +18,7 @@ import ml_collections
 from eesmm_jax.data.common import (IDX_DATASETS, MEAN_RGB, NAMED_DATASETS,  # noqa: F401
                                    STDDEV_RGB, Source, default_data_config,
                                    finetune_data_config, normalize, process_rows)
-from eesmm_jax.data.synthetic import synthetic_batches
+from eesmm_jax.data.synthetic import device_batches, synthetic_batches
 
 NUMPY_DATASETS = ("synthetic", "shards")  # read without TensorFlow
 
@@ -125,12 +125,17 @@ def num_examples(config: ml_collections.ConfigDict, split: Optional[str] = None)
 def create_pretrain_iterator(config: ml_collections.ConfigDict, global_batch: int,
                              start_step: int = 0, *, source: Optional[Source] = None,
                              process_index: Optional[int] = None,
-                             process_count: Optional[int] = None) -> Iterator[dict]:
+                             process_count: Optional[int] = None,
+                             sharding=None) -> Iterator[dict]:
   """This process's numpy batches {'image': uint8 [b, S, S, 3], ['label']}, batch k of the run
   first when start_step = k; feed each to `jax.make_array_from_process_local_data`. `source`:
   the run's `open_source`, so a folder is not listed again. S is img_size, or for 'shards' the
-  stored size (source.image_size), which the train step crops to img_size."""
+  stored size (source.image_size), which the train step crops to img_size. With `sharding`
+  (the trainer's batch sharding), 'synthetic' draws each global batch on the mesh instead
+  (`synthetic.device_batches`: the same values, no host work)."""
   if config.dataset == "synthetic":
+    if sharding is not None:
+      return device_batches(config, global_batch, start_step, sharding)
     return synthetic_batches(config, global_batch, start_step, process_index=process_index,
                              process_count=process_count)
   if config.dataset == "shards":

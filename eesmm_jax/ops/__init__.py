@@ -7,7 +7,8 @@
              gradients, with every sum a matmul and their own backward (fast on XLA:CPU).
 
 `attention_impl` picks the window attention's form (`window_attention`):
-  'xla'      einsums, float32 logits and softmax, autodiff, attention dropout.
+  'xla'      einsums, autodiff, attention dropout; logits bf16 in bf16 runs (`logits_dtype`),
+             else float32, the softmax computed in float32.
   'xla_cpu'  `xla_cpu.window_attention_cpu`, its own backward.
   'cudnn'    cuDNN's fused kernel (jax.nn.dot_product_attention, implementation='cudnn'): GPU
              only (Ampere+), so the CPU suite never runs it; the GPU probe (the benchmark's
@@ -121,16 +122,25 @@ def window_attention(qkv: jax.Array, bias: jax.Array, scale: float, *, impl: str
   return _xla(qkv, bias, scale, dtype, dropout_rate if dropout else 0.0, rng)
 
 
+def logits_dtype(dtype) -> Any:
+  """The dtype the [B_, heads, N, N] logits and probabilities are kept in: bfloat16 in bf16
+  runs (half the bytes of the largest non-matmul tensors; bf16 has float32's range, so the
+  -100 mask cannot overflow), float32 otherwise (fp16's range is what overflows)."""
+  return jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+
+
 def _xla(qkv, bias, scale, dtype, dropout_rate: float, rng):
-  """The einsums, autodiff's gradients. The logits accumulate into float32 on every backend and
-  dtype (XLA:CPU compiles the f16 x f16 -> f32 dot too), so fp16 cannot overflow before the
-  bias and the -100 mask are added."""
+  """The einsums, autodiff's gradients. The logits accumulate in float32 inside the matmul on
+  every backend and dtype, and are kept in `logits_dtype(dtype)`; the softmax's max, exp and
+  sum run in float32 on them (as PyTorch's autocast does), its output is cast back."""
   b, n, _, heads, d = qkv.shape
   nw = bias.shape[0]
+  kept = logits_dtype(dtype)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B_, N, heads, d]: no transpose
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q * scale, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b // nw, nw, heads, n, n) + bias
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, heads, n, n)
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q * scale, k, preferred_element_type=kept)
+  logits = logits.reshape(b // nw, nw, heads, n, n) + bias.astype(kept)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(kept)
+  probs = probs.astype(dtype).reshape(b, heads, n, n)
   if dropout_rate == 1.0:
     probs = jnp.zeros_like(probs)
   elif dropout_rate > 0:  # nn.Dropout's draw and scaling

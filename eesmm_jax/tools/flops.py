@@ -19,6 +19,7 @@ FLOPs per image = the step's FLOPs / images per step, where one step consumes th
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Optional
 
 import jax
@@ -40,6 +41,8 @@ BACKBONES = {
     **swin.VARIANTS,
     "swin_micro": dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
     "swin_mini": dict(embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)),
+    # The GPU probe's CPU test: every stage once, as narrow as a Swin goes.
+    "swin_nano": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
 }
 
 
@@ -68,9 +71,19 @@ def step_config(backbone: str, img_size: int, window: int, num_mix: int, batch: 
   return config
 
 
+_COUNTED: dict[str, float] = {}  # config (as JSON) -> FLOPs: a cell counted once per process
+
+
 def step_flops(config: ml_collections.ConfigDict) -> float:
   """XLA's FLOPs of one train step of `config` over its `batch_size` images (module docstring:
-  how and why it is counted this way)."""
+  how and why it is counted this way), counted once per config and process."""
+  key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  if key not in _COUNTED:
+    _COUNTED[key] = _count_step_flops(config)
+  return _COUNTED[key]
+
+
+def _count_step_flops(config: ml_collections.ConfigDict) -> float:
   p = plan_lib.pretraining(config, sharding.make_mesh(jax.devices("cpu")[:1]),
                            impl="xla", attention_impl="xla")
   images = jax.ShapeDtypeStruct((config.batch_size, p.input_size, p.input_size, 3),

@@ -303,3 +303,17 @@ def test_eesmm_overfits_eight_images():
   # apart after one step, ended at 0.18 and 0.42 of the start; an encoder or decoder without a
   # working gradient stays near it.
   assert end < 0.5 * start
+
+
+def test_a_perfect_prediction_de_normalises_to_the_original_image():
+  """What the pictures draw under norm_target: the head predicts per-patch normalised pixels,
+  so a prediction equal to the target, de-normalised with the original's own local mean and
+  std, is the original (within 1e-5), a constant patch included (std = sqrt(1e-6) there)."""
+  from eesmm_jax import objectives
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-2.0, maxval=2.0)
+  x = x.at[:, :8, :8].set(0.5)  # a flat region: its local variance is 0
+  with jax.default_matmul_precision("highest"):
+    target = objectives.normalize_targets(x, 7)
+    back = objectives.denormalize_targets(target, x, 7)
+  np.testing.assert_allclose(np.asarray(back), np.asarray(x), atol=1e-5)
+  assert float(jnp.abs(target - x).max()) > 0.1  # the targets are not the image itself

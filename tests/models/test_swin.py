@@ -291,3 +291,27 @@ def test_auto_resolves_once_from_the_mesh_and_bad_values_are_one_line_errors():
   with pytest.raises(ValueError, match=r"^config.model.attention_impl='flash' is unknown; "
                                        r"choose one of \['auto', 'xla', 'xla_cpu', 'cudnn'"):
     step_lib.create_encoder(_demo_config(attention_impl="flash"), cpu_mesh)
+
+
+def test_bf16_attention_keeps_bf16_logits_and_a_float32_softmax():
+  """In bf16 runs the 'xla' attention's [B_, heads, N, N] logits are bf16 (the einsum's output
+  type), the softmax runs in float32 on them; the block stays within bf16 rounding of float32,
+  forward and backward. float16 keeps float32 logits (the test above)."""
+  block = lambda dtype: swin.SwinTransformerBlock(32, 2, 4, 2, dtype=dtype, attention_impl="xla")
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+  params = block(jnp.float32).init(jax.random.key(1), x)
+  bf16 = lambda p: block(jnp.bfloat16).apply(p, x.astype(jnp.bfloat16))
+  jaxpr = str(jax.make_jaxpr(bf16)(params))
+  assert "preferred_element_type=bfloat16" in jaxpr and "preferred_element_type=float32" not in jaxpr
+  assert ops.logits_dtype(jnp.bfloat16) == jnp.bfloat16
+  assert ops.logits_dtype(jnp.float16) == ops.logits_dtype(jnp.float32) == jnp.float32
+  with jax.default_matmul_precision("highest"):
+    ref = block(jnp.float32).apply(params, x)
+    ref_grad = jax.grad(lambda p: jnp.sum(block(jnp.float32).apply(p, x) ** 2))(params)
+  out = jax.jit(bf16)(params)
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(bf16(p).astype(jnp.float32) ** 2)))(params)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2, rtol=5e-2)
+  for g, r in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+    scale = float(jnp.abs(r).max())  # bf16 probabilities: ~0.4% each, summed over 16 keys
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(r) / scale,
+                               atol=1e-1)

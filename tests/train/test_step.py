@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -188,9 +190,23 @@ def test_finiteness_checked_at_log_and_checkpoint_steps_names_the_first_bad_step
     assert mngr.all_steps() == [2]
 
 
-def test_prefetch_keeps_order_and_runs_ahead():
-  pass
-  put = []
-  stream = step_lib.prefetch(iter(range(100)), lambda b: put.append(b) or b, size=2)
-  assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
-  assert put == [0, 1, 2, 3, 4, 5, 6]  # two batches on their way beyond the one taken
+def test_background_input_keeps_order_runs_ahead_and_raises_the_input_s_error():
+  made = []
+
+  def source():
+    for i in range(6):
+      made.append((i, threading.current_thread().name))
+      yield i
+    raise ValueError("no readable image in '/data'")
+
+  with step_lib.BackgroundInput(source(), lambda b: b * 10, size=2) as batches:
+    assert [next(batches) for _ in range(3)] == [0, 10, 20]
+    deadline = time.time() + 10
+    while len(made) < 6 and time.time() < deadline:  # runs ahead, a bounded queue
+      time.sleep(0.01)
+    assert [i for i, _ in made] == list(range(6))
+    assert {name for _, name in made} == {"eesmm-input"}  # never the training thread
+    assert [next(batches) for _ in range(3)] == [30, 40, 50]
+    with pytest.raises(ValueError, match="no readable image"):
+      next(batches)
+    assert batches.times()["taken"] == 6

@@ -25,8 +25,8 @@ PRESETS = {
     # One H100/H200/A100 (bf16) or V100 (fp16). Swin-B's 10 cells took about 14 min on an
     # H200 (launch/benchmark_gpu.sh); --time_budget skips (and lists) the cells past it.
     "gpu": dict(backbones=("swin_base", "swin_large"), sizes=((192, 6), (224, 7)),
-                methods=(1, 2, 3), batch={"swin_base": 96, "swin_large": 48}, steps=10,
-                warmup=2, dtype="auto", torch=("eager", "compile"), time_budget=0,
+                methods=(1, 2, 3), batch={"swin_base": 96, "swin_large": 48}, steps=60,
+                warmup=10, dtype="auto", torch=("eager", "compile"), time_budget=0,
                 interleave=False),
 }
 
@@ -260,7 +260,13 @@ def run(argv=None) -> list[dict]:
           t = time.perf_counter()
           try:
             one_step, finish = _cell(**spec)
-            cell.update(finish(cells_lib.timed_steps(one_step, grid["steps"], 0)))
+            times = cells_lib.timed_steps(one_step, grid["steps"], 0)
+            chained = getattr(one_step, "chained", None)
+            chained_s = chained(grid["steps"]) if chained else None
+            cell.update(finish(times))
+            if chained_s:
+              cell.update(chained_step_time_s=chained_s,
+                          chained_images_per_sec=batch / chained_s)
             cell["status"] = "ok"
           except Exception as e:  # an OOM or unsupported cell must not lose the others
             cell["status"] = _error(e)
@@ -269,7 +275,9 @@ def run(argv=None) -> list[dict]:
         if cell["status"] == "ok":
           print(f"{backbone} {img_size}/{window} {cell['method']:10s} {cell['impl']:13s} "
                 f"{cell['step_time_s'] * 1e3:9.1f} ms/step {cell['images_per_sec']:9.2f} img/s "
-                f"compile {cell['compile_time_s']:.1f} s", flush=True)
+                f"compile {cell['compile_time_s']:.1f} s" + (
+                    f"; chained {cell['chained_step_time_s'] * 1e3:.1f} ms/step"
+                    if cell.get("chained_step_time_s") else ""), flush=True)
         else:
           print(f"{backbone} {img_size}/{window} {cell['method']} {cell['impl']}: "
                 f"{cell['status']}", flush=True)
