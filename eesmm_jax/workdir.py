@@ -25,7 +25,9 @@ What it guarantees, and the choice made where there was one:
   space is short, else where Orbax reports it) stops the run with one line naming the path and
   the cause; the half-written temporary folder is removed and the previous checkpoint restores.
 - An output the disk refuses (metrics.jsonl, TensorBoard events, a picture: ENOSPC, EIO) stops
-  the run at that step's boundary with a checkpoint, in one line (`metrics.OutputError`); a
+  the run at the next step boundary with a checkpoint, in one line (`metrics.OutputError`; a
+  logged step's row is written once the following step is dispatched, so that boundary may be
+  the following step's); a
   torn last line of metrics.jsonl is dropped on resume, saying so.
 - A corrupt config.json is refused with the way out, not rebuilt (`read_recorded_config`).
 - SIGTERM, and Ctrl-C, stop the run at the next step boundary with a checkpoint; a second

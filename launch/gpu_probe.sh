@@ -4,7 +4,8 @@
 #   launch/gpu_probe.sh --cpu-test OUT    # every phase on a tiny Swin on the CPU (CI)
 # Needs JAX (with CUDA), Flax, Optax, Orbax and numpy: what a stock accelerator image has. Pure
 # Python wheels it lacks (ml-collections) may travel in .whl/ beside the checkout; they are put
-# on PYTHONPATH as they are (a pure wheel imports from its zip). PHASES=step,loop runs only
+# on PYTHONPATH as they are (a pure wheel imports from its zip): `pip download ml-collections
+# --no-deps -d .whl` before the checkout travels. PHASES=step,loop runs only
 # those (a rerun of a failed phase); DEADLINE=seconds overrides the preset's.
 set -uo pipefail
 cd "$(dirname "$0")/.."

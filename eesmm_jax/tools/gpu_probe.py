@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import glob
 import json
 import os
@@ -67,8 +68,8 @@ PRESETS = {
                 input_batch=96, deadline=450.0),
     # Every phase, tiny: what the CI runs (about 2 minutes on 2 CPU cores; the deadline leaves
     # room for a loaded machine, so that every phase runs).
-    "cpu-test": dict(backbone="swin_nano", img_size=64, window=4, batch=4, dtype="float32",
-                     steps=3, warmup=1, max_batch=8, matmul=256, copy_mib=8,
+    "cpu-test": dict(backbone="swin_nano", img_size=64, window=4, batch=6, dtype="float32",
+                     steps=3, warmup=1, max_batch=6, matmul=256, copy_mib=8,
                      attention=("xla", "xla_cpu"),
                      flags=(("no_expensive_llvm_passes",
                              {"xla_llvm_disable_expensive_passes": True}),),
@@ -178,6 +179,7 @@ class StepCell:
 
   def free(self) -> None:
     self.state = self.images = self.compiled = None
+    gc.collect()  # the next cell's buffers take this one's device memory
 
 
 def flops_per_image(c: dict, num_mix: int, batch: int) -> float:
@@ -307,7 +309,8 @@ def trainer_loop(c: dict, num_mix: int, batch: int) -> dict:
     config.picture_every = 0
     config.data.synthetic_examples = batch * config.total_steps
   with tempfile.TemporaryDirectory() as workdir:
-    train.pretrain(config, workdir)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress lines: the raw log
+      train.pretrain(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f if '"loss"' in line]
   timed = [r for r in rows if r["step"] > warmup]

@@ -344,16 +344,18 @@ def test_a_full_disk_under_metrics_jsonl_stops_with_a_checkpoint_and_resumes(tmp
       else real_open(path, mode, **kw), raising=False)
   with pytest.raises(metrics.OutputError) as e:
     train.pretrain(tiny_config(total_steps=6), str(tmp_path))
+  # Step 3's row is written once step 4 is dispatched (the loop reads metrics a step behind),
+  # so the run stops at step 4's boundary, with step 4's checkpoint.
   assert str(e.value) == (
       f"writing {tmp_path}/metrics.jsonl failed at step 3: No space left on device; saved a "
-      f"checkpoint at step 3 in {tmp_path}/checkpoints: free space (or fix the disk) and the "
+      f"checkpoint at step 4 in {tmp_path}/checkpoints: free space (or fix the disk) and the "
       f"same command resumes from it")
-  assert steps_saved(tmp_path) == [3]
+  assert steps_saved(tmp_path) == [4]
   monkeypatch.undo()
   state = train.pretrain(tiny_config(total_steps=6), str(tmp_path))
-  # The torn row is dropped; step 3 is not run again (its checkpoint is the resume's start), so
-  # its row is the one lost.
-  assert int(state.step) == 6 and [r["step"] for r in losses(tmp_path)] == [1, 2, 4, 5, 6]
+  # The torn row is dropped; steps 3 and 4 are not run again (step 4's checkpoint is the
+  # resume's start), so their rows are the ones lost.
+  assert int(state.step) == 6 and [r["step"] for r in losses(tmp_path)] == [1, 2, 5, 6]
 
 
 def test_tensorboard_events_the_disk_refuses_stop_the_run_with_a_checkpoint(tmp_path,
@@ -368,9 +370,9 @@ def test_tensorboard_events_the_disk_refuses_stop_the_run_with_a_checkpoint(tmp_
   monkeypatch.setattr(metrics, "summary_writer", lambda workdir: Writer())
   with pytest.raises(metrics.OutputError, match=rf"^writing the TensorBoard events in "
                      rf"{tmp_path}/tensorboard failed at step 2: No space left on device; saved "
-                     rf"a checkpoint at step 2 in {tmp_path}/checkpoints"):
+                     rf"a checkpoint at step 3 in {tmp_path}/checkpoints"):
     train.pretrain(tiny_config(total_steps=6), str(tmp_path))
-  assert steps_saved(tmp_path) == [2]
+  assert steps_saved(tmp_path) == [3]  # step 2's row is written after step 3 is dispatched
 
 
 def test_a_picture_the_disk_refuses_before_the_first_checkpoint_saves_the_state(tmp_path,

@@ -191,6 +191,8 @@ def loop_images_per_sec(config, steps: int) -> tuple[float, dict]:
     config.checkpoint_every = config.total_steps
     config.picture_every = 0
     config.data.synthetic_examples = config.batch_size * config.total_steps
+    # The cells' compile times are real compiles: no persistent cache turned on from here.
+    config.compilation_cache_dir = ""
   with tempfile.TemporaryDirectory() as workdir:
     train.pretrain(config, workdir)
     steps, seconds = metrics_lib.timed_seconds(workdir, config.batch_size)
