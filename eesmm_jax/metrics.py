@@ -79,7 +79,7 @@ def _drop_rows_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def timed_seconds(workdir: str, batch_size: int) -> tuple[int, float]:
+def timed_seconds(workdir: str, batch_size: int, after: int = 1) -> tuple[int, float]:
   """(steps, seconds) of a pretraining run's timed steps, from the rates its metrics.jsonl rows
   logged: each row's images/s covers the steps since the previous row. The trainer times from
   the end of its first step (which compiles), so step 1 is not among them; a step logged again
@@ -90,20 +90,21 @@ def timed_seconds(workdir: str, batch_size: int) -> tuple[int, float]:
       step = _row_step(line)
       if step is not None:
         rates[step] = json.loads(line).get("images_per_sec")
-  seconds, last = 0.0, 1
-  for step in sorted(s for s in rates if s > 1 and rates[s]):
+  seconds, last = 0.0, after
+  for step in sorted(s for s in rates if s > after and rates[s]):
     seconds += (step - last) * batch_size / rates[step]
     last = step
-  return last - 1, seconds
+  return last - after, seconds
 
 
-def host_ms_per_step(workdir: str) -> dict:
+def host_ms_per_step(workdir: str, after: int = 1) -> dict:
   """{'host_make_ms': median, ...} of the host times the loop logged (`step.HostTimes`) over
-  its rows after the first; {} when it logged none."""
+  its rows after step `after`; {} when it logged none."""
   rows = []
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
     for line in f:
-      if _row_step(line) not in (None, 1) and '"host_' in line:
+      step = _row_step(line)
+      if step is not None and step > after and '"host_' in line:
         rows.append(json.loads(line))
   keys = sorted({k for r in rows for k in r if k.startswith("host_")})
   return {k: statistics.median(r[k] for r in rows if k in r) for k in keys}

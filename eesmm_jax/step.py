@@ -11,6 +11,7 @@ accelerator images without it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -334,17 +335,6 @@ class BackgroundInput:
     self.close()
 
 
-class _Timer:
-  def __init__(self, times, what):
-    self.times, self.what = times, what
-
-  def __enter__(self):
-    self.t0 = time.perf_counter()
-
-  def __exit__(self, *exc):
-    setattr(self.times, self.what, getattr(self.times, self.what) + time.perf_counter() - self.t0)
-
-
 class HostTimes:
   """The training loop's host work per step, for its log rows: input (the producer's making
   and putting of a batch, the training thread's wait for one), the step's dispatch, and the
@@ -355,9 +345,12 @@ class HostTimes:
     self.batches, self.dispatch, self.boundary = batches, 0.0, 0.0
     self._last = dict(batches.times(), dispatch=0.0, boundary=0.0)
 
+  @contextlib.contextmanager
   def timed(self, what: str):
     """A context adding its wall time to `what` ('dispatch' or 'boundary')."""
-    return _Timer(self, what)
+    t0 = time.perf_counter()
+    yield
+    setattr(self, what, getattr(self, what) + time.perf_counter() - t0)
 
   def row(self) -> dict:
     now = dict(self.batches.times(), dispatch=self.dispatch, boundary=self.boundary)

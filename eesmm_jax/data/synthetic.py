@@ -65,8 +65,6 @@ def device_batches(config: ml_collections.ConfigDict, global_batch: int, start_s
                    sharding) -> Iterator[dict]:
   """The global batch of every step from `start_step` on, drawn on the mesh: {'image', 'label'}
   sharded as `sharding` (over the batch axis), equal to the rows `synthetic_batches` gives."""
-  import jax
-  import jax.numpy as jnp
   size, seed = _check(config, start_step)
   label_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
       *sharding.spec[:1]))

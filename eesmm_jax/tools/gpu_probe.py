@@ -39,7 +39,6 @@ import glob
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eesmm_jax import metrics
 from eesmm_jax import plan as plan_lib
 from eesmm_jax import sharding
 from eesmm_jax import step as step_lib
@@ -167,8 +167,7 @@ class StepCell:
     return chained_seconds(self.one, steps, warmup)
 
   def fields(self, seconds: float, flops_per_image: Optional[float]) -> dict:
-    kind, peak = jax.devices()[0].device_kind, None
-    peak = report.peak_flops(kind, self.config.dtype)
+    peak = report.peak_flops(jax.devices()[0].device_kind, self.config.dtype)
     rate = self.batch / seconds
     mfu = (flops_per_image * rate / jax.device_count() / peak
            if peak and flops_per_image else None)
@@ -311,15 +310,9 @@ def trainer_loop(c: dict, num_mix: int, batch: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress lines: the raw log
       train.pretrain(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if '"loss"' in line]
-  timed = [r for r in rows if r["step"] > warmup]
-  seconds, last = 0.0, warmup
-  for r in timed:
-    seconds += (r["step"] - last) * batch / r["images_per_sec"]
-    last = r["step"]
-  host = {k: statistics.median(r[k] for r in timed) for k in timed[0] if k.startswith("host_")}
-  return dict(loop_images_per_sec=(last - warmup) * batch / seconds, timed_steps=last - warmup,
+    timed, seconds = metrics.timed_seconds(workdir, batch, after=warmup)
+    host = metrics.host_ms_per_step(workdir, after=warmup)
+  return dict(loop_images_per_sec=timed * batch / seconds, timed_steps=timed,
               host_ms_per_step=host)
 
 

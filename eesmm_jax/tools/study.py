@@ -1075,10 +1075,9 @@ def main(argv=None):
                  f"--preset quick)")
   # The console is for people: library logs (absl, Orbax) only when they warn, as the demo.
   absl_logging.set_verbosity(absl_logging.WARNING)
-  # Every seed and every rerun compiles the same steps again: keep them on disk.
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.out),
-                                                                "jax_cache"))
+  # Every seed and every rerun compiles the same steps again: the trainer's persistent cache,
+  # from the first compile on (the trainer turns it on at its first run anyway).
+  step_lib.use_compilation_cache(demo_config.get_config().compilation_cache_dir)
   try:
     if args.sweep:
       return run_sweep(args.preset, args.out, args.quick, args.data_dir)
