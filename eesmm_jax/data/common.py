@@ -50,6 +50,9 @@ def finetune_data_config() -> ml_collections.ConfigDict:
   c.img_size = 224
   c.crop_scale = (0.08, 1.0)
   c.eval_split = "validation"
+  # The IDX datasets' fine-tuning view: pixels of zero padding around its random crop (None =
+  # img_size // 8, the usual 4 at 32 px; 0 = no crop, the flip only).
+  c.crop_padding = ml_collections.config_dict.placeholder(int)
   return c
 
 

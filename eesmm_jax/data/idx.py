@@ -21,9 +21,9 @@ made by a few threads ahead of the step:
 * pretraining: SimMIM's RandomResizedCrop (scale config.crop_scale, ratio config.crop_ratio,
   torchvision's 10 tries then the whole image) of the padded image, bilinear, and a horizontal
   flip with p 0.5; uint8, normalised on the device by the train step;
-* fine-tuning: the standard Fashion-MNIST recipe, a random crop with img_size // 8 pixels of
-  zero padding (4 at 32 px) and a horizontal flip; uint8, normalised on the device by the
-  fine-tune step;
+* fine-tuning: the standard Fashion-MNIST recipe, a random crop with config.crop_padding pixels
+  of zero padding (default img_size // 8: 4 at 32 px; 0: none) and a horizontal flip; uint8,
+  normalised on the device by the fine-tune step;
 * evaluation: the padded image itself (config.eval_crop_pct has no meaning for a 28 px image
   that fills its frame), in order, the last batch padded and marked in 'mask'.
 
@@ -241,7 +241,20 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
   if int(config.img_size) < SIDE:
     raise ValueError(f"config.img_size={config.img_size}: dataset {config.dataset!r} needs >= "
                      f"{SIDE} (its {SIDE} px images are padded, never shrunk)")
+  crop_padding(config)
   split_indices(config)
+
+
+def crop_padding(config: ml_collections.ConfigDict) -> int:
+  """Pixels of zero padding of the fine-tuning crop (config.crop_padding; None = img_size // 8)."""
+  pad = config.get("crop_padding")
+  if pad is None:
+    return int(config.img_size) // 8
+  if not 0 <= int(pad) <= int(config.img_size) // 2:
+    raise ValueError(f"config.data.crop_padding={pad!r}: pixels of padding of the fine-tuning "
+                     f"crop, 0..{int(config.img_size) // 2} (0 = no crop), or None for "
+                     f"img_size // 8")
+  return int(pad)
 
 
 def open_source(config: ml_collections.ConfigDict, split: Optional[str] = None) -> Source:
@@ -347,7 +360,7 @@ def _global_draws(rng, global_batch, config, kind):
     window = random_resized_crop(rng, global_batch, size, tuple(config.crop_scale),
                                  tuple(config.crop_ratio))
   else:
-    pad = size // 8
+    pad = crop_padding(config)
     top, left = rng.integers(-pad, pad + 1, (2, global_batch)).astype(np.float64)
     window = (top, left, np.full(global_batch, float(size)), np.full(global_batch, float(size)))
   flip = rng.uniform(size=global_batch) < 0.5

@@ -160,3 +160,22 @@ print("tf-free")
                         timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                             os.path.abspath(__file__)))))
   assert done.returncode == 0 and "tf-free" in done.stdout, done.stderr[-2000:]
+
+
+def test_crop_padding_zero_is_the_flip_only(tmp_path):
+  root = plant(str(tmp_path / "fm"))
+  c = data_config(root)
+  c.crop_padding = 0
+  batch = next(data.create_finetune_iterator(c, None, 64, 0, process_index=0, process_count=1))
+  images, _ = idx.split_arrays(c)
+  # Each view is an image's evaluation view or its mirror, nothing shifted.
+  views = idx.padded(images, 32)
+  for view in batch["image"]:
+    assert any((view == v).all() or (view == v[:, ::-1]).all() for v in views)
+  c.crop_padding = None
+  shifted = next(data.create_finetune_iterator(c, None, 64, 0, process_index=0, process_count=1))
+  assert not all(any((view == v).all() or (view == v[:, ::-1]).all() for v in views)
+                 for view in shifted["image"])
+  c.crop_padding = 17
+  with pytest.raises(ValueError, match=r"crop_padding=17: .* 0\.\.16"):
+    data.check_data_config(c)

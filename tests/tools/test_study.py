@@ -168,3 +168,10 @@ def test_tables_pair_equal_epochs_equal_compute_and_mark_the_seed_spread():
                         pixels=dict(probe_acc=0.6, knn_acc=0.6)))
   text = study.markdown(study_json, QUICK, 1.0)
   assert "| ablation | EESMM n=2 2 ep (rotate=True) | EESMM n=2 2 ep | **+18.0** |" in text
+
+
+def test_sweep_points_parse_and_bad_ones_are_refused_in_one_line():
+  assert study.sweep_point("2e-3:15") == (2e-3, 15.0)
+  for bad in ("2e-3", "0:15", "x:1", "1e-3:-2"):
+    with pytest.raises(ValueError, match=r"--sweep .*expected LR:EPOCHS"):
+      study.sweep_point(bad)
