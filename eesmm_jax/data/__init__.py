@@ -98,6 +98,10 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any compile, on a dataset that cannot be read (see
   `tfdata.check_data_config`, `idx.check_data_config`; shards: no index, a shard missing or
   truncated, img_size above the stored size)."""
+  if config.get("crop_padding") is not None and not _idx(config):
+    raise ValueError(f"config.data.crop_padding={config.crop_padding!r}: only the IDX datasets' "
+                     f"fine-tuning crop reads it ('fashion_mnist', 'mnist'), not "
+                     f"{config.dataset!r}; leave it None")
   if config.dataset == "synthetic":
     if config.synthetic_examples < 1:
       raise ValueError(f"config.data.synthetic_examples must be >= 1, got "

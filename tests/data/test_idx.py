@@ -179,3 +179,7 @@ def test_crop_padding_zero_is_the_flip_only(tmp_path):
   c.crop_padding = 17
   with pytest.raises(ValueError, match=r"crop_padding=17: .* 0\.\.16"):
     data.check_data_config(c)
+  # Elsewhere nothing reads it: refused, not silently ignored.
+  c.update(dict(dataset="synthetic", crop_padding=0))
+  with pytest.raises(ValueError, match=r"crop_padding=0: only the IDX datasets'"):
+    data.check_data_config(c)
