@@ -100,7 +100,20 @@ def one_line_errors():
     _leave(status, f"error: {one_line(e)}", hard)
 
 
+def quiet_tensorflow() -> None:
+  """Keeps TensorFlow's C++ start-up lines off the console; call before TensorFlow loads.
+
+  TF_CPP_MIN_LOG_LEVEL alone does not: the 'oneDNN custom operations are on' line is logged
+  before TensorFlow reads it. Turning those operations off removes the line, and costs nothing
+  here: TensorFlow only decodes and augments the input (and clu's TensorBoard writer imports
+  it), none of it a oneDNN matmul or convolution. Either variable set by the user is kept."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 def run_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """`fn(*args, **kwargs)` inside `one_line_errors`; its result (an exit status) returned."""
+  """`fn(*args, **kwargs)` inside `one_line_errors`, TensorFlow quiet (`quiet_tensorflow`); its
+  result (an exit status) returned."""
+  quiet_tensorflow()
   with one_line_errors():
     return fn(*args, **kwargs)

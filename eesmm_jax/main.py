@@ -10,8 +10,9 @@ environment and joined with `jax.distributed.initialize()` before JAX touches a 
 import logging as std_logging
 import os
 
-# TensorFlow's C++ start-up lines stay out of the console unless asked for (before TF loads).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from eesmm_jax import cli
+
+cli.quiet_tensorflow()  # before anything loads TensorFlow
 
 if __name__ == "__main__":  # before JAX and TensorFlow allocate (tools/allocator.py says why)
   from eesmm_jax.tools import allocator
@@ -19,8 +20,6 @@ if __name__ == "__main__":  # before JAX and TensorFlow allocate (tools/allocato
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
-
-from eesmm_jax import cli  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and pictures go here; a run resumes "

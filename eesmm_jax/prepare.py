@@ -15,12 +15,12 @@ resized to --stored_size (default 4/3 of --img_size: 256 for 192).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from eesmm_jax import cli
+from eesmm_jax.data import common, shards
 
-from eesmm_jax.data import common, shards  # noqa: E402
+cli.quiet_tensorflow()  # before the listing loads TensorFlow
 
 
 def image_source(dataset: str, data_dir: str, split: str):

@@ -175,3 +175,65 @@ def test_sweep_points_parse_and_bad_ones_are_refused_in_one_line():
   for bad in ("2e-3", "0:15", "x:1", "1e-3:-2"):
     with pytest.raises(ValueError, match=r"--sweep .*expected LR:EPOCHS"):
       study.sweep_point(bad)
+
+
+def test_sweep_reports_each_point_on_a_quiet_console(tmp_path):
+  """`--sweep` on a Fashion-MNIST preset (planted IDX files): one line per point with its top-1,
+  sweep.json agreeing with it, and nothing of TensorFlow's start-up on stderr (clu's writer
+  imports TensorFlow, whose oneDNN line TF_CPP_MIN_LOG_LEVEL does not keep out)."""
+  from tests.data.test_idx import plant
+  root = plant(str(tmp_path / "fm"))
+  out = str(tmp_path / "sweep")
+  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
+  env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+  done = subprocess.run([sys.executable, "-m", "eesmm_jax.tools.study", "--preset", "cpu-fashion",
+                         "--quick", "--data_dir", root, "--out", out, "--sweep", "1e-3:0.05"],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "oneDNN" not in done.stderr and "port.cc" not in done.stderr, done.stderr[-2000:]
+  lines = done.stdout.splitlines()
+  assert all(line.startswith("study: ") for line in lines), done.stdout
+  with open(os.path.join(out, "sweep.json")) as f:
+    (row,) = json.load(f)
+  assert (row["lr"], row["epochs"]) == (1e-3, 0.05) and 0.0 <= row["finetune_acc"] <= 1.0
+  assert any(f"lr 0.001, 0.05 epochs: top-1 {100 * row['finetune_acc']:.2f}%" in line
+             for line in lines), done.stdout
+
+
+def test_gpu_preset_runs_quick_through_its_launcher_without_tensorflow(tmp_path):
+  """`QUICK=1 launch/study_gpu.sh OUT` on planted IDX files, where TensorFlow, TFDS,
+  scikit-learn, clu and matplotlib cannot be imported (a stock accelerator image has none of
+  them): the whole grid at its tiny size, every record with every label fraction, the baselines,
+  the reconstruction figure, and one line for the study.png it cannot draw."""
+  from tests.data.test_idx import plant
+  root = plant(str(tmp_path / "fm"))
+  blocked = tmp_path / "blocked"
+  blocked.mkdir()
+  (blocked / "sitecustomize.py").write_text(
+      "import sys\nfor name in ('tensorflow', 'tensorflow_datasets', 'sklearn', 'clu', "
+      "'matplotlib'):\n  sys.modules[name] = None\n")
+  out = str(tmp_path / "study")
+  env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "QUICK": "1", "DATA_DIR": root,
+         "PYTHONPATH": str(blocked), "PYTHON": sys.executable}
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  done = subprocess.run(["bash", "launch/study_gpu.sh", out], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(out, "log.txt")) as f:
+    log = f.read()
+  assert log and all(line.startswith("study: ") for line in log.splitlines()), log
+  assert "matplotlib is not installed" in log
+  with open(os.path.join(out, "study.json")) as f:
+    study_json = json.load(f)
+  preset = study.PRESETS["gpu-fashion"].quick_version()
+  assert study_json["preset"] == "gpu-fashion" and study_json["quick"]
+  assert len(study_json["runs"]) == len(study.grid(preset, ablations=False))
+  for r in study_json["runs"]:
+    for key in study.FRACTION_KEYS.values():
+      assert 0.0 <= r[key] <= 1.0, (key, r)
+  base = study_json["baselines"]
+  assert base["pixels"]["probe_acc"] == 1.0  # the planted classes are separable in the pixels
+  assert all(base["scratch"][key]["seeds"] == len(preset.seeds)
+             for key in study.FRACTION_KEYS.values())
+  assert os.path.isfile(os.path.join(out, study_json["figure"]["path"]))
+  assert not os.path.exists(os.path.join(out, "study.png"))
