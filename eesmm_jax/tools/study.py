@@ -168,15 +168,16 @@ PRESETS = {
         the first 1,000 test images, three seeds.
 
         Why a subset: the encoder (the digits preset's 32 px Swin, 4 px patches, widths 48/96)
-        pretrains at ~1,400 img/s (SimMIM) and fine-tunes at ~1,100 img/s on the 2 cores
-        (measured in its run of 2026-12-03, which took 21 min), so the full 60,000 images would
+        pretrains at ~1,350 img/s (SimMIM) and fine-tunes at ~1,300 img/s on the 2 cores
+        (medians of the trainers' progress lines in its run of 2026-12-03, 38 min 29 s in
+        all: docs/study_fashion), so the full 60,000 images would
         give a few epochs per run in the hour. 4,800 images (480 a class, 25 steps of 192 a
         pretraining epoch) afford 3 budgets of SimMIM and EESMM n = 2 (2, 4 and 8 epochs: n = 2
         at 2E meets SimMIM at E at about equal FLOPs) and n = 3 at 8, x 3 seeds, each encoder
         fine-tuned at 100 / 10 / 1% of the labels. Fine-tuning: the scratch recipe (see the
         gpu-fashion preset) at 12 epochs, 10%: 36, 1%: 120 (30% and 10% of the full run's
         steps). With the 4 px padded random crop as well, scratch reached only 63.6% in 12
-        epochs (the run of 2026-12-03 in docs/study_fashion); the flip alone, 81.0%. The time
+        epochs (3 seeds, 2026-12-03); the flip alone, 80.8% (docs/study_fashion). The time
         budget stops starting runs at 3,500 s; the grid goes seed by seed, so what is done is
         whole seeds.""",
         source="fashion_mnist", train_split="train[:4800]", test_split="test[:1000]",
@@ -617,7 +618,8 @@ def run_study(preset_name: str, out: str, ablations: bool = False, quick: bool =
   start = time.time()
   command = (f"python -m eesmm_jax.tools.study --preset {preset_name} --out {out}"
              + " --quick" * quick + " --ablations" * ablations
-             + (f" --data_dir {data_dir}" if data_dir else ""))
+             + (f" --data_dir {data_dir}" if data_dir else "")
+             + (f" --time_budget {time_budget:g}" if time_budget is not None else ""))
   preset = PRESETS[preset_name].quick_version() if quick else PRESETS[preset_name]
   budget = preset.time_budget if time_budget is None else (time_budget or None)
   out = os.path.abspath(out)
