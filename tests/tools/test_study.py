@@ -237,3 +237,13 @@ def test_gpu_preset_runs_quick_through_its_launcher_without_tensorflow(tmp_path)
              for key in study.FRACTION_KEYS.values())
   assert os.path.isfile(os.path.join(out, study_json["figure"]["path"]))
   assert not os.path.exists(os.path.join(out, "study.png"))
+
+
+def test_gpu_launcher_without_the_idx_files_names_the_install_command(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  done = subprocess.run(["bash", "launch/study_gpu.sh", str(tmp_path / "out")], cwd=repo,
+                        env={**os.environ, "DATA_DIR": str(tmp_path)}, capture_output=True,
+                        text=True, timeout=60)
+  assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+  assert "apt-get install dataset-fashion-mnist" in done.stderr and str(tmp_path) in done.stderr
+  assert not os.path.exists(tmp_path / "out")  # refused before anything is written
